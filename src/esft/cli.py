@@ -1,0 +1,289 @@
+"""The ``esft`` command: train, eval, replay.
+
+Every training setting is an ESConfig field; it can come from ``--config FILE`` (YAML/TOML/JSON) and
+from a flag of the same name, and flags win. ``esft train`` with no arguments runs the quickstart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+import textwrap
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from esft.config import ESConfig, read_config_file
+from esft.errors import ConfigError, EsftError
+
+QUICKSTART = files("esft") / "configs" / "quickstart.yaml"
+
+
+def _field_docs() -> dict[str, str]:
+    """ESConfig attribute docstrings (the string under each field), for --help."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(ESConfig)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    docs = _field_docs()
+    for f in dataclasses.fields(ESConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if f.name == "task_options":
+            p.add_argument(
+                "--task-option", dest="task_options", action="append", metavar="KEY=VALUE", help=help_text
+            )
+        elif f.name == "freeze":
+            p.add_argument(flag, action="append", metavar="PATTERN", help=help_text)
+        elif f.type in ("bool",):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.type in ("int", "int | None"):
+            p.add_argument(flag, type=int, metavar="N", help=help_text)
+        elif f.type == "float":
+            p.add_argument(flag, type=float, metavar="X", help=help_text)
+        else:
+            p.add_argument(flag, metavar=f.name.split("_")[-1].upper(), help=help_text)
+
+
+def _parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--task-option {item!r} must look like KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
+
+
+def _train_config(args: argparse.Namespace, argv: list[str]) -> tuple[ESConfig, bool]:
+    """Merge defaults < quickstart/config file < flags. Returns (config, is_quickstart)."""
+    quickstart = not argv
+    values: dict[str, Any] = {}
+    if quickstart:
+        values.update(yaml.safe_load(QUICKSTART.read_text()))
+    if args.config:
+        values.update({k.replace("-", "_"): v for k, v in read_config_file(args.config).items()})
+    if args.resume and args.output and not args.config:
+        # Resume reuses the run's own settings; flags may still change iterations and cadence.
+        from esft.runstore import RunStore
+
+        store = RunStore(args.output)
+        if store.exists():
+            values.update({k: v for k, v in store.read_config().items() if k in ESConfig.field_names()})
+    flags = {k: v for k, v in vars(args).items() if k in ESConfig.field_names() and v is not None}
+    if "task_options" in flags:
+        flags["task_options"] = {
+            **values.get("task_options", {}),
+            **_parse_task_options(flags["task_options"]),
+        }
+    if args.data:
+        flags["task_options"] = {
+            **flags.get("task_options", values.get("task_options", {})),
+            "data_file": args.data,
+        }
+    values.update(flags)
+    return ESConfig.from_dict(values, args.config or "settings"), quickstart
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from esft.evaluate import format_summary
+    from esft.trainer import ESTrainer
+
+    config, quickstart = _train_config(args, argv)
+    if quickstart:
+        print(
+            "esft: no arguments, running the quickstart: ES on the conciseness task with the embedded "
+            "Qwen2.5-Coder-0.5B-Instruct (about 10 minutes on 2 CPU cores). See `esft train --help`.",
+            flush=True,
+        )
+    trainer = ESTrainer(config, resume=args.resume, progress=not args.quiet)
+    try:
+        result = trainer.train()
+    except KeyboardInterrupt:
+        print(
+            f"\nesft: interrupted. Continue with:  esft train --output {trainer.store.root} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"esft: done. Run folder: {result.run_dir}")
+    if len(result.eval_history) >= 2:
+        first, last = result.eval_history[0], result.eval_history[-1]
+        print(
+            f"  test before (iter {first['iteration']}): {format_summary({k: v for k, v in first.items() if k != 'iteration'})}"
+        )
+        print(
+            f"  test after  (iter {last['iteration']}): {format_summary({k: v for k, v in last.items() if k != 'iteration'})}"
+        )
+    if result.final_checkpoint:
+        print(f"  final checkpoint (loads with transformers): {result.final_checkpoint}")
+        print(f"  evaluate it:  esft eval --run {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from esft.engines import build_engine
+    from esft.evaluate import evaluate, format_summary
+    from esft.models import resolve_model
+    from esft.runstore import RunStore
+    from esft.tasks import load_task
+
+    if args.run and args.model:
+        raise ConfigError("give --model or --run, not both")
+    task_name, task_options, reward, engine_name, dtype, device = (
+        args.task,
+        {},
+        args.reward,
+        "hf",
+        "auto",
+        "auto",
+    )
+    if args.run:
+        store = RunStore(args.run)
+        saved = store.read_config()
+        ckpts = store.checkpoints()
+        if not ckpts:
+            raise ConfigError(f"{args.run} has no checkpoints yet")
+        step = args.checkpoint if args.checkpoint is not None else max(ckpts)
+        if step not in ckpts:
+            raise ConfigError(f"{args.run} has no checkpoint {step}; available: {', '.join(map(str, ckpts))}")
+        model_path, label = str(ckpts[step]), f"iter-{step:06d}"
+        if task_name in (None, saved.get("task")):
+            task_name, task_options = saved.get("task"), dict(saved.get("task_options") or {})
+            reward = reward or saved.get("reward")
+        engine_name, dtype, device = (
+            saved.get("engine", "hf"),
+            saved.get("dtype", "auto"),
+            saved.get("device", "auto"),
+        )
+        if args.max_new_tokens is None:
+            args.max_new_tokens = saved.get("max_new_tokens")
+    else:
+        if args.checkpoint is not None:
+            raise ConfigError("--checkpoint needs --run")
+        model_path, label = resolve_model(args.model), "model"
+    if not task_name:
+        raise ConfigError("--task is required (e.g. --task countdown)")
+    task_options.update(_parse_task_options(args.task_option))
+    if args.data:
+        task_options["data_file"] = args.data
+    task = load_task(task_name, reward=reward, **task_options)
+    dtype, device = args.dtype or dtype, args.device or device
+    engine = build_engine(engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size)
+    summary, samples = evaluate(
+        engine, task, args.split, args.limit, args.max_new_tokens, args.batch_size, progress=not args.quiet
+    )
+    out = (
+        Path(args.output)
+        if args.output
+        else (
+            Path(args.run) / "eval" / f"{label}-{task_name}-{args.split}.jsonl"
+            if args.run
+            else Path(f"eval-{task_name}-{args.split}.jsonl")
+        )
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    print(f"{task_name}/{args.split} ({summary['samples']} prompts, {label}): {format_summary(summary)}")
+    print(f"per-sample results: {out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from esft.replay import compare_weights, replay
+    from esft.runstore import RunStore
+
+    store = RunStore(args.run)
+    engine, _ = replay(args.run, args.iteration, progress=not args.quiet)
+    out = Path(args.output) if args.output else store.root / "replay" / f"iter-{args.iteration:06d}"
+    engine.save(out)
+    print(f"replayed iteration {args.iteration} from the base model and the seed log: {out}")
+    ckpt = store.checkpoints().get(args.iteration)
+    if ckpt is None:
+        return 0
+    from esft.engines import build_engine
+
+    saved = build_engine(
+        "hf",
+        str(ckpt),
+        dtype=str(next(iter(engine.parameters().values())).dtype).removeprefix("torch."),
+        device="cpu",
+    )
+    same, diff = compare_weights({k: v.cpu() for k, v in engine.parameters().items()}, saved.parameters())
+    if same:
+        print(f"matches checkpoint {ckpt}: bit-identical")
+        return 0
+    print(f"DIFFERS from checkpoint {ckpt}: max abs difference {diff:g}")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esft", description="Evolution Strategies fine-tuning for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune with ES (no arguments: the quickstart)")
+    p.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
+    p.add_argument("--data", help="dataset file for the task (shortcut for --task-option data_file=FILE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-iteration lines")
+    _add_config_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a model or a run's checkpoint on a task")
+    p.add_argument("--model", help="HF id or folder (default: the embedded model)")
+    p.add_argument("--run", help="run folder: evaluate its checkpoint")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint iteration (default: newest)")
+    p.add_argument("--task", help="task name (default with --run: the run's task)")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="task option")
+    p.add_argument("--data", help="dataset file for the task")
+    p.add_argument("--reward", help="reward function module:function or file.py:function")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=int, default=0, help="first K rows only (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, help="completion limit (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--device", help="cpu, cuda or auto")
+    p.add_argument("--output", help="per-sample JSONL path")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("replay", help="rebuild an iteration's weights from the base model and the seed log")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--iteration", type=int, required=True, help="iteration to rebuild")
+    p.add_argument("--output", help="folder for the rebuilt model (default RUN/replay/iter-T)")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args, argv[1:])
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_replay(args)
+    except EsftError as e:
+        print(f"esft: error: {e}", file=sys.stderr)
+        return 2

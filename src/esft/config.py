@@ -1,0 +1,178 @@
+"""Training configuration: one dataclass, a docstring per field, errors that say what to change.
+
+Defaults are the paper's (Qiu et al. 2025): population 30, sigma 1e-3, alpha 5e-4, z-score shaping,
+independent Gaussian noise, no mirrored sampling. Every field can be set from a YAML/TOML file and from
+the command line (flags override the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from esft.errors import ConfigError
+
+
+@dataclass
+class ESConfig:
+    model: str | None = None
+    """Hugging Face id or local folder; None uses the embedded Qwen2.5-Coder-0.5B-Instruct."""
+    task: str = "countdown"
+    """Task name (countdown, conciseness)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to the task, e.g. {"data_file": "my.jsonl", "train_size": 200}."""
+    reward: str | None = None
+    """Replace the task's reward with a TRL-signature function: module:function or file.py:function."""
+    population: int = 30
+    """N: perturbed models evaluated per iteration."""
+    sigma: float = 1e-3
+    """Perturbation scale: member n evaluates theta + sigma * eps_n."""
+    alpha: float = 5e-4
+    """Learning rate: theta += alpha / N * sum_n z_n eps_n."""
+    iterations: int = 100
+    """ES iterations to run (total, counting those already done when resuming)."""
+    seed: int = 0
+    """Run seed: every iteration's seeds and prompt mini-batch derive from (seed, iteration)."""
+    max_new_tokens: int | None = None
+    """Completion length limit; None uses the task's default (countdown 1024, conciseness 100)."""
+    prompts_per_iteration: int | None = None
+    """Prompt mini-batch per iteration, shared by all members; None uses the whole train split."""
+    antithetic: bool = False
+    """Mirrored sampling: members in pairs (+eps, -eps) sharing one seed (population must be even)."""
+    shaping: str = "zscore"
+    """Fitness shaping: zscore (paper) or centered_rank."""
+    noise: str = "independent"
+    """independent (a stream per seed and parameter) or correlated (the reference code's scheme)."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name patterns (fnmatch, e.g. '*embed_tokens*') kept fixed."""
+    engine: str = "hf"
+    """Generation backend: hf (transformers)."""
+    dtype: str = "auto"
+    """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    batch_size: int = 64
+    """Prompts per generate() call."""
+    output: str | None = None
+    """Run folder; None makes runs/<time>-<task>."""
+    checkpoint_every: int = 10
+    """Save an HF-format checkpoint every K iterations (and always at the end); 0 = only at the end."""
+    eval_every: int = 0
+    """Evaluate on the test split before training, every K iterations and at the end; 0 = never."""
+    eval_limit: int = 0
+    """Test rows used by periodic evaluation; 0 = all."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        from esft.es.shaping import SHAPERS
+        from esft.tasks import TASKS
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(
+            isinstance(self.population, int) and self.population >= 2,
+            f"population must be an integer >= 2, got {self.population!r}",
+        )
+        need(
+            not self.antithetic or self.population % 2 == 0,
+            f"antithetic sampling needs an even population, got {self.population}",
+        )
+        for name in ("sigma", "alpha"):
+            v = getattr(self, name)
+            need(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a number > 0, got {v!r}",
+            )
+        need(
+            isinstance(self.iterations, int) and self.iterations >= 1,
+            f"iterations must be an integer >= 1, got {self.iterations!r}",
+        )
+        need(
+            isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}"
+        )
+        need(
+            self.max_new_tokens is None
+            or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+        )
+        need(
+            self.prompts_per_iteration is None
+            or (isinstance(self.prompts_per_iteration, int) and self.prompts_per_iteration >= 1),
+            f"prompts_per_iteration must be an integer >= 1, got {self.prompts_per_iteration!r}",
+        )
+        need(self.task in TASKS, f"unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}")
+        need(
+            self.shaping in SHAPERS,
+            f"unknown shaping {self.shaping!r}; use one of {', '.join(sorted(SHAPERS))}",
+        )
+        need(
+            self.noise in ("independent", "correlated"),
+            f"unknown noise {self.noise!r}; use independent or correlated",
+        )
+        need(self.engine == "hf", f"unknown engine {self.engine!r}; available: hf")
+        need(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1, got {self.batch_size!r}",
+        )
+        for name in ("checkpoint_every", "eval_every", "eval_limit"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        need(isinstance(self.task_options, dict), "task_options must be a mapping of option -> value")
+        need(
+            isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze),
+            "freeze must be a list of name patterns",
+        )
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ESConfig:
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown setting {', '.join(unknown)}; valid: {', '.join(cls.field_names())}"
+            )
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a .yaml/.yml/.toml/.json file (a flat mapping of ESConfig field names)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(p.read_text()) or {}
+        elif p.suffix == ".toml":
+            data = tomllib.loads(p.read_text())
+        elif p.suffix == ".json":
+            data = json.loads(p.read_text())
+        else:
+            raise ConfigError(f"config file {p}: unsupported type {p.suffix!r}; use .yaml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file {p} is malformed: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings")
+    return data

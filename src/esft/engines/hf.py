@@ -1,0 +1,147 @@
+"""The reference engine: transformers ``generate``, batched over prompts with left padding.
+
+Runs on CPU or CUDA in float32, bfloat16 or float16. Greedy decoding; sampling settings from the
+model's ``generation_config`` (temperature, top-p, repetition penalty) are overridden, so what ES scores
+is the deterministic argmax completion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from esft.engines.base import Generation, Prompt
+from esft.errors import ConfigError, ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "float": "float32",
+    "half": "float16",
+}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (fast there) and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+class HFEngine:
+    """A transformers causal LM with greedy batched generation."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot load model {str(model_path)!r}: {first}") from e
+        self.model.to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        gen_cfg = self.model.generation_config
+        eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.data for name, p in self.model.named_parameters()}
+
+    def render(self, prompt: Prompt) -> str:
+        """Prompt text as the model sees it: raw text, or a conversation through the chat template."""
+        if isinstance(prompt, str):
+            return prompt
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                "this task builds chat prompts but the model's tokenizer has no chat template; "
+                "use a chat/instruct model or the task's raw prompt format"
+            )
+        continue_final = prompt[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(
+            prompt,
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], max_new_tokens: int) -> list[Generation]:
+        out: list[Generation] = []
+        texts = [self.render(p) for p in prompts]
+        # Raw prompts get the tokenizer's special tokens (e.g. BOS); chat templates already hold them.
+        raw = all(isinstance(p, str) for p in prompts)
+        for start in range(0, len(texts), self.batch_size):
+            out.extend(self._generate_batch(texts[start : start + self.batch_size], max_new_tokens, raw))
+        return out
+
+    def _generate_batch(self, texts: list[str], max_new_tokens: int, raw: bool) -> list[Generation]:
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=raw)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        prompt_len = enc["input_ids"].shape[1]
+        seqs = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            repetition_penalty=None,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+        )
+        new_tokens = seqs[:, prompt_len:].tolist()  # (B, <= max_new_tokens), completion only
+        gens = []
+        for row in new_tokens:
+            n, stopped = len(row), False
+            for i, tok in enumerate(row):
+                if tok in self.eos_ids:
+                    n, stopped = i + 1, True
+                    break
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            gens.append(Generation(text=text, num_tokens=n, truncated=not stopped))
+        return gens
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)

@@ -1,0 +1,60 @@
+"""Rebuild the weights of any iteration from the base model and the seed log alone.
+
+A seed log entry holds the members (seed, sign), their shaped rewards and alpha: everything the update
+needs. Applying entries 1..T to the base model with the same code path reproduces checkpoint T bit for
+bit (same device type and dtype), which makes an ES fine-tune describable in kilobytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from esft.config import ESConfig
+from esft.engines import Engine, build_engine
+from esft.errors import ConfigError
+from esft.es import ParamSet
+from esft.runstore import RunStore
+from esft.trainer import apply_seedlog, trainable
+
+
+def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[Engine, ESConfig]:
+    """An engine holding the weights of ``iteration`` of the run in ``run_dir``, rebuilt from the base."""
+    store = RunStore(run_dir)
+    saved = store.read_config()
+    config = ESConfig.from_dict(
+        {k: v for k, v in saved.items() if k in ESConfig.field_names()}, str(store.config_path)
+    )
+    log = store.seedlog()
+    if iteration < 0 or iteration > len(log):
+        raise ConfigError(
+            f"--iteration must be between 0 and {len(log)} (the iterations in {store.seedlog_path})"
+        )
+    from esft.models import resolve_model
+
+    model_path = saved.get("model_path") or resolve_model(config.model)
+    engine = build_engine(
+        config.engine, model_path, dtype=config.dtype, device=config.device, batch_size=config.batch_size
+    )
+    params = ParamSet(trainable(engine.parameters(), config.freeze), scheme=config.noise)
+    from tqdm.auto import tqdm
+
+    for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):
+        apply_seedlog(params, [entry])
+    return engine, config
+
+
+def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, float]:
+    """(bit-identical, max abs difference) over the common parameter names."""
+    if set(a) != set(b):
+        return False, float("inf")
+    identical, worst = True, 0.0
+    for name in a:
+        x, y = a[name], b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False, float("inf")
+        if not torch.equal(x, y):
+            identical = False
+            worst = max(worst, float((x.float() - y.float()).abs().max()))
+    return identical, worst

@@ -1,0 +1,71 @@
+"""Tasks: datasets with prompts and TRL-signature reward functions.
+
+``load_task(name, **options)`` returns a :class:`Task`; ``reward=`` replaces its rewards with a user
+function given as ``module:function`` or ``path/to/file.py:function``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from esft.errors import ConfigError
+from esft.tasks import conciseness, countdown
+from esft.tasks.base import RewardPart, Scores, Task, completion_text
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "countdown": countdown.load,
+    "conciseness": conciseness.load,
+}
+
+__all__ = ["TASKS", "RewardPart", "Scores", "Task", "completion_text", "import_object", "load_task"]
+
+
+def load_task(name: str, reward: str | None = None, **options: Any) -> Task:
+    """Build task ``name`` with its ``options``; ``reward`` optionally replaces its reward functions."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    factory = TASKS[name]
+    accepted = set(inspect.signature(factory).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"task {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(accepted))}"
+        )
+    task = factory(**options)
+    if reward:
+        fn = import_object(reward)
+        if not callable(fn):
+            raise ConfigError(f"--reward {reward!r} is not callable")
+        task.rewards = [RewardPart(getattr(fn, "__name__", "reward"), fn, 1.0)]
+        task.metrics = None
+    return task
+
+
+def import_object(spec: str) -> Any:
+    """Import ``module:attr`` or ``path/to/file.py:attr``."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{spec!r} is not an import path; use module:function or path/to/file.py:function")
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"reward file {module_name!r} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(f"esft_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{module_name!r} has no attribute {attr!r}") from None

@@ -1,0 +1,51 @@
+"""Reading user dataset files (JSON array, JSONL) with one-line errors for malformed input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from esft.errors import DataError
+
+
+def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of a .json (array of objects) or .jsonl file; each must hold the ``required`` keys."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"dataset file {str(path)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    rows: list[Any]
+    if p.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{p}: not valid JSON ({e.msg} at line {e.lineno}); expected an array of objects"
+            ) from None
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise DataError(f"{p}: expected a JSON array of objects")
+    elif p.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{p}:{lineno}: not valid JSON ({e.msg}); expected one object per line"
+                ) from None
+    else:
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .json or .jsonl")
+    if not rows:
+        raise DataError(f"{p}: the file holds no rows")
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{p}: row {i} is not an object")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{p}: row {i} lacks {', '.join(missing)}; each row needs {', '.join(required)}")
+    return rows

@@ -1,0 +1,288 @@
+"""The ES trainer (Qiu et al. 2025, Algorithm 2), reading top to bottom.
+
+Per iteration t:
+  1. members  = N (seed, sign) pairs from (run seed, t); prompts = the iteration's mini-batch;
+  2. for each member: perturb theta in place by sigma*eps, generate greedily, restore exactly, score;
+  3. z = shape(member rewards)   (z-score by default);
+  4. log (members, z) to the seed log, then theta += alpha/N * sum z_n eps_n, in fp32, layer by layer.
+The seed log alone, applied to the base model, rebuilds every checkpoint (see replay.py); resume loads
+the newest checkpoint and replays the seed log past it, so a killed run loses nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from esft.config import ESConfig
+from esft.engines import Engine, build_engine
+from esft.errors import ConfigError
+from esft.es import Member, ParamSet, iteration_members, shape
+from esft.evaluate import evaluate, format_summary
+from esft.models import resolve_model
+from esft.runstore import RunStore
+from esft.tasks import Task, load_task
+
+# Settings a resumed run may change; anything else would change the trajectory.
+RESUMABLE = {"iterations", "checkpoint_every", "eval_every", "eval_limit", "output", "batch_size"}
+
+
+def trainable(params: dict[str, Any], freeze: list[str]) -> dict[str, Any]:
+    """Parameters whose names match none of the ``freeze`` patterns."""
+    return {n: t for n, t in params.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)}
+
+
+def prompt_batch(n_rows: int, size: int | None, run_seed: int, iteration: int) -> list[int]:
+    """Row indices used in ``iteration``: all rows, or a mini-batch drawn from (run seed, iteration)."""
+    if size is None or size >= n_rows:
+        return list(range(n_rows))
+    rng = np.random.default_rng(np.random.SeedSequence([run_seed, iteration, 1]))
+    return sorted(rng.choice(n_rows, size=size, replace=False).tolist())
+
+
+def apply_seedlog(params: ParamSet, entries: list[dict[str, Any]]) -> None:
+    """Re-apply logged updates in order: the same members, weights and alpha give the same bits."""
+    for e in entries:
+        members = [Member(int(s), int(sign)) for s, sign in e["members"]]
+        params.update(members, e["weights"], e["alpha"])
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    final_checkpoint: Path | None
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ESTrainer:
+    def __init__(
+        self,
+        config: ESConfig,
+        resume: bool = False,
+        progress: bool = True,
+        task: Task | None = None,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self.task = task or load_task(config.task, reward=config.reward, **config.task_options)
+        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
+        output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}"
+        self.store = RunStore(output)
+        self.resume = resume
+        self._check_run_folder()
+        # Fail on a bad dataset or model now, before anything is written to the run folder.
+        if not self.task.train:
+            raise ConfigError(f"task {self.task.name!r} has an empty train split")
+        self.model_path = resolve_model(config.model)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _check_run_folder(self) -> None:
+        store = self.store
+        if self.resume:
+            if not store.exists():
+                raise ConfigError(
+                    f"--resume: {store.root} holds no run to resume; drop --resume to start one"
+                )
+            saved = store.read_config()
+            saved_cfg = {k: v for k, v in saved.items() if k in ESConfig.field_names()}
+            mine = self.config.to_dict()
+            changed = sorted(k for k in saved_cfg if k not in RESUMABLE and saved_cfg[k] != mine.get(k))
+            if changed:
+                raise ConfigError(
+                    f"--resume: {', '.join(changed)} differ from the run in {store.root}; "
+                    "resume with the original settings (only iterations and logging cadence may change)"
+                )
+        elif store.exists() or store.seedlog_path.exists():
+            raise ConfigError(
+                f"{store.root} already holds a run; pass --resume to continue it or choose another --output"
+            )
+
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            tqdm.write(msg)
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg, store, task = self.config, self.store, self.task
+        start, engine, params = self._load_state(self.model_path)
+        store.write_config({**cfg.to_dict(), "model_path": self.model_path})
+        store.clean_temp()
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(store.root / "events"), purge_step=start + 1)
+        train_rows = task.train
+        self._log(
+            f"esft: {task.name} | model {cfg.model or 'embedded default'} | {params.numel / 1e6:.1f}M trainable "
+            f"params | N={cfg.population} sigma={cfg.sigma:g} alpha={cfg.alpha:g} | run {store.root}"
+        )
+        if cfg.eval_every and start == 0:
+            self._evaluate(engine, 0, tb)
+
+        previous = store.metrics()
+        samples_done = previous[-1]["samples"] if previous else 0  # completions scored so far (budget)
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=start,
+            desc="ES",
+            unit="it",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        for t in range(start + 1, cfg.iterations + 1):
+            row_ids = prompt_batch(len(train_rows), cfg.prompts_per_iteration, cfg.seed, t)
+            rows = [train_rows[i] for i in row_ids]
+            prompts = [r["prompt"] for r in rows]
+            members = iteration_members(cfg.seed, t, cfg.population, cfg.antithetic)
+            timer = {"generate": 0.0, "score": 0.0, "noise": 0.0, "update": 0.0}
+            t0 = time.perf_counter()
+
+            # 1-2: evaluate every member on the same prompts.
+            member_rewards, part_sums, n_tokens, n_truncated, failures = [], {}, 0, 0, 0
+            for member in tqdm(
+                members, desc=f"iter {t}", unit="member", leave=False, disable=not self.progress
+            ):
+                tic = time.perf_counter()
+                params.perturb(member, cfg.sigma)
+                timer["noise"] += time.perf_counter() - tic
+                try:
+                    tic = time.perf_counter()
+                    gens = engine.generate(prompts, self.max_new_tokens)
+                    timer["generate"] += time.perf_counter() - tic
+                finally:
+                    tic = time.perf_counter()
+                    params.restore()
+                    timer["noise"] += time.perf_counter() - tic
+                tic = time.perf_counter()
+                scores = task.score(rows, [g.text for g in gens])
+                timer["score"] += time.perf_counter() - tic
+                member_rewards.append(sum(scores.total) / len(rows))
+                for name, values in scores.parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + sum(values) / len(rows)
+                n_tokens += sum(g.num_tokens for g in gens)
+                n_truncated += sum(g.truncated for g in gens)
+                failures += scores.failures
+
+            # 3-4: shape, log the update's inputs, then update.
+            weights = shape(member_rewards, cfg.shaping)
+            store.append_seedlog(
+                {
+                    "iteration": t,
+                    "members": [[m.seed, m.sign] for m in members],
+                    "weights": weights,
+                    "alpha": cfg.alpha,
+                    "rewards": member_rewards,
+                }
+            )
+            tic = time.perf_counter()
+            stats = params.update(members, weights, cfg.alpha)
+            timer["update"] = time.perf_counter() - tic
+            seconds = time.perf_counter() - t0
+            samples_done += len(members) * len(rows)
+
+            r = np.asarray(member_rewards)
+            metrics = {
+                "iteration": t,
+                "samples": samples_done,
+                "train/reward_mean": float(r.mean()),
+                "train/reward_std": float(r.std()),
+                "train/reward_min": float(r.min()),
+                "train/reward_max": float(r.max()),
+                **{f"train/reward/{k}": v / len(members) for k, v in part_sums.items()},
+                "train/completion_tokens": n_tokens / (len(members) * len(rows)),
+                "train/truncated_fraction": n_truncated / (len(members) * len(rows)),
+                "train/reward_failures": failures,
+                "es/update_norm": stats.update_norm,
+                "es/update_ratio": stats.update_ratio,
+                "es/param_norm": stats.param_norm,
+                "es/changed_fraction": stats.changed_fraction,
+                "perf/seconds": seconds,
+                **{f"perf/{k}_seconds": v for k, v in timer.items()},
+                "perf/tokens_per_second": n_tokens / timer["generate"] if timer["generate"] > 0 else 0.0,
+                "member_rewards": member_rewards,
+            }
+            store.append_metrics(metrics)
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
+                    tb.add_scalar(k, v, t)
+            bar.update(1)
+            self._log(
+                f"iter {t:>4}/{cfg.iterations} | reward {r.mean():.4g} (min {r.min():.4g} max {r.max():.4g}) | "
+                f"len {metrics['train/completion_tokens']:.0f} tok | ||d||/||theta|| {stats.update_ratio:.2e} | "
+                f"{seconds:.1f}s (gen {timer['generate']:.1f} score {timer['score']:.2f} noise {timer['noise']:.1f} "
+                f"update {timer['update']:.1f}) | {metrics['perf/tokens_per_second']:.0f} tok/s"
+                + (f" | {failures} reward failures" if failures else "")
+            )
+
+            final = t == cfg.iterations
+            if final or (cfg.checkpoint_every and t % cfg.checkpoint_every == 0):
+                self._checkpoint(engine, t)
+            if cfg.eval_every and (final or t % cfg.eval_every == 0):
+                self._evaluate(engine, t, tb)
+        bar.close()
+        if cfg.iterations not in store.checkpoints():  # e.g. killed between the last update and its save
+            self._checkpoint(engine, cfg.iterations)
+        tb.close()
+        ckpts = store.checkpoints()
+        evals = [e for e in store.evals() if e["iteration"] <= cfg.iterations]
+        return TrainResult(store.root, cfg.iterations, ckpts.get(cfg.iterations), evals)
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _build_engine(self, path: str) -> Engine:
+        cfg = self.config
+        return build_engine(cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+
+    def _load_state(self, model_path: str) -> tuple[int, Engine, ParamSet]:
+        """Fresh start from the base model, or resume: newest checkpoint + seed-log entries past it."""
+        cfg, store = self.config, self.store
+        log = store.seedlog() if self.resume else []
+        done = log[-1]["iteration"] if log else 0
+        if [e["iteration"] for e in log] != list(range(1, done + 1)):
+            raise ConfigError(
+                f"{store.seedlog_path} is not a contiguous log of iterations 1..{done}; cannot resume"
+            )
+        ckpts = {i: p for i, p in store.checkpoints().items() if i <= done}
+        base_iter = max(ckpts) if ckpts else 0
+        engine = self._build_engine(str(ckpts[base_iter]) if base_iter else model_path)
+        params = ParamSet(trainable(engine.parameters(), cfg.freeze), scheme=cfg.noise)
+        if self.resume:
+            store.truncate_logs(done)
+            if done > base_iter:
+                self._log(
+                    f"esft: resuming from checkpoint {base_iter}, replaying iterations {base_iter + 1}..{done}"
+                )
+            apply_seedlog(params, log[base_iter:done])
+            if done > cfg.iterations:
+                raise ConfigError(
+                    f"{store.root} already has {done} iterations; pass --iterations {done} or more"
+                )
+        return done, engine, params
+
+    def _checkpoint(self, engine: Engine, t: int) -> None:
+        path = self.store.save_checkpoint(
+            t, engine.save, {"base_model": self.config.model or "embedded default"}
+        )
+        self._log(f"checkpoint: {path}")
+
+    def _evaluate(self, engine: Engine, t: int, tb) -> dict[str, Any]:
+        cfg = self.config
+        summary, _ = evaluate(
+            engine, self.task, "test", cfg.eval_limit, self.max_new_tokens, cfg.batch_size, self.progress
+        )
+        row = {"iteration": t, **summary}
+        self.store.append_eval(row)
+        for k, v in summary.items():
+            if isinstance(v, (int, float)):
+                tb.add_scalar(f"eval/{k}", v, t)
+        self._log(f"eval @ iter {t}: {format_summary(summary)}")
+        return row

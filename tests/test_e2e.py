@@ -1,0 +1,192 @@
+"""End-to-end: the real CLI on a tiny randomly initialised model built in the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esft.cli import main
+
+COMMON = ["--task", "conciseness", "--population", "4", "--sigma", "0.05", "--alpha", "0.05",
+          "--max-new-tokens", "12", "--seed", "3", "--quiet"]  # fmt: skip
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def train(model: Path, out: Path, iterations: int, *extra: str) -> int:
+    return main(
+        [
+            "train",
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--iterations",
+            str(iterations),
+            *COMMON,
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert train(tiny_model, out, 4, "--checkpoint-every", "2", "--eval-every", "4") == 0
+    return out
+
+
+def test_training_changes_every_parameter_and_logs_everything(tiny_model, straight_run):
+    base = weights(tiny_model)
+    final = weights(straight_run / "checkpoints" / "iter-000004")
+    assert set(base) == set(final)
+    for name in base:
+        assert not torch.equal(base[name], final[name]), f"{name} did not change"
+    metrics = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    for key in ["train/reward_mean", "train/reward_std", "train/reward_min", "train/reward_max",
+                "train/reward/length", "train/completion_tokens", "es/update_norm", "es/update_ratio",
+                "perf/generate_seconds", "perf/score_seconds", "perf/noise_seconds", "perf/update_seconds",
+                "perf/tokens_per_second", "train/reward_failures"]:  # fmt: skip
+        assert key in metrics[-1], key
+    assert metrics[-1]["samples"] == 4 * 4 * 2  # iterations x population x prompts
+    seedlog = [json.loads(line) for line in (straight_run / "seedlog.jsonl").read_text().splitlines()]
+    assert len(seedlog) == 4 and len(seedlog[0]["members"]) == 4 and len(seedlog[0]["weights"]) == 4
+    evals = [json.loads(line) for line in (straight_run / "eval.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evals] == [0, 4]
+    assert list((straight_run / "events").iterdir())
+    assert sorted(p.name for p in (straight_run / "checkpoints").iterdir()) == ["iter-000002", "iter-000004"]
+
+
+def test_checkpoint_loads_in_transformers(straight_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = straight_run / "checkpoints" / "iter-000004"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("Solve: 3 + 5 =", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3 or out.shape[1] <= ids["input_ids"].shape[1] + 3
+    assert set(model.state_dict()) >= set(weights(ckpt))
+
+
+def test_same_seed_gives_identical_weights(tiny_model, straight_run, tmp_path):
+    assert train(tiny_model, tmp_path / "again", 4) == 0
+    a, b = (
+        weights(straight_run / "checkpoints" / "iter-000004"),
+        weights(tmp_path / "again" / "checkpoints" / "iter-000004"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_straight_run(tiny_model, straight_run, tmp_path):
+    out = tmp_path / "resumed"
+    assert train(tiny_model, out, 2, "--checkpoint-every", "1") == 0
+    assert main(["train", "--output", str(out), "--iterations", "4", "--resume", "--quiet"]) == 0
+    a, b = weights(straight_run / "checkpoints" / "iter-000004"), weights(out / "checkpoints" / "iter-000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3, 4]
+
+
+def test_resume_after_crash_replays_the_seed_log(tiny_model, straight_run, tmp_path):
+    """A crash after iteration 3's update but before its checkpoint: resume replays iteration 3."""
+    out = tmp_path / "crashed"
+    assert train(tiny_model, out, 3, "--checkpoint-every", "2") == 0
+    shutil.rmtree(out / "checkpoints" / "iter-000003")  # as if killed before the final save
+    (out / "checkpoints" / ".tmp-iter-000003-1").mkdir()  # a half-written checkpoint left behind
+    with open(out / "seedlog.jsonl", "a") as f:
+        f.write('{"iteration": 4, "memb')  # torn write
+    assert main(["train", "--output", str(out), "--iterations", "4", "--resume", "--quiet"]) == 0
+    a, b = weights(straight_run / "checkpoints" / "iter-000004"), weights(out / "checkpoints" / "iter-000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_replay_reproduces_checkpoint(straight_run, capsys):
+    assert main(["replay", "--run", str(straight_run), "--iteration", "2", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    a = weights(straight_run / "checkpoints" / "iter-000002")
+    b = weights(straight_run / "replay" / "iter-000002")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_writes_per_sample_results(straight_run, tmp_path, capsys):
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", "--run", str(straight_run), "--limit", "3", "--output", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and {"completion", "reward", "parts", "answer"} <= set(rows[0])
+    assert rows[0]["completion_tokens"] <= 12  # the run's max_new_tokens is reused
+    assert "normalized_reward" in capsys.readouterr().out
+
+
+def test_freeze_keeps_matching_parameters(tiny_model, tmp_path):
+    assert (
+        train(tiny_model, tmp_path / "frozen", 1, "--freeze", "*embed_tokens*", "--freeze", "lm_head*") == 0
+    )
+    base, final = weights(tiny_model), weights(tmp_path / "frozen" / "checkpoints" / "iter-000001")
+    for name in base:
+        frozen = "embed_tokens" in name or name.startswith("lm_head")
+        assert torch.equal(base[name], final[name]) == frozen, name
+
+
+def test_countdown_chat_prompts_and_antithetic(tiny_model, tmp_path):
+    rc = main(["train", "--model", str(tiny_model), "--output", str(tmp_path / "cd"), "--task", "countdown",
+               "--task-option", "train_size=6", "--task-option", "test_size=4", "--population", "4",
+               "--antithetic", "--prompts-per-iteration", "3", "--iterations", "1", "--max-new-tokens", "8",
+               "--shaping", "centered_rank", "--quiet"])  # fmt: skip
+    assert rc == 0
+    log = json.loads((tmp_path / "cd" / "seedlog.jsonl").read_text())
+    assert [s for _, s in log["members"]] == [1, -1, 1, -1]
+
+
+def test_config_file_and_flag_override(tiny_model, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_model}\ntask: conciseness\npopulation: 3\niterations: 1\nmax_new_tokens: 4\n"
+    )
+    assert (
+        main(["train", "--config", str(cfg), "--population", "2", "--output", str(tmp_path / "r"), "--quiet"])
+        == 0
+    )
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    assert "population: 2" in saved and "max_new_tokens: 4" in saved
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--population", "1"], "population must be an integer >= 2"),
+        (["--sigma", "0"], "sigma must be a number > 0"),
+        (["--sigma=-1e-3"], "sigma must be a number > 0"),
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--antithetic", "--population", "5"], "even population"),
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--data", "/no/such/file.jsonl", "--task", "conciseness"], "does not exist"),
+    ],
+)
+def test_user_mistakes_get_one_line_errors(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "esft", "train", "--output", str(tmp_path / "x"), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x" / "config.yaml").exists()
+
+
+def test_existing_run_is_not_overwritten(tiny_model, straight_run, capsys):
+    before = (straight_run / "seedlog.jsonl").read_text()
+    assert train(tiny_model, straight_run, 4) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (straight_run / "seedlog.jsonl").read_text() == before
