@@ -31,6 +31,7 @@ def evaluate(
     samples: list[dict[str, Any]] = []
     tokens = failures = 0
     totals: list[float] = []
+    texts: list[str] = []
     parts: dict[str, list[float]] = {}
     bar = tqdm(
         total=len(rows), desc=f"eval {task.name}/{split}", unit="prompt", disable=not progress, leave=False
@@ -41,6 +42,7 @@ def evaluate(
         scores = task.score(batch, [g.text for g in gens])
         failures += scores.failures
         totals += scores.total
+        texts += scores.completions
         for name, values in scores.parts.items():
             parts.setdefault(name, []).extend(values)
         for i, (row, g) in enumerate(zip(batch, gens, strict=True)):
@@ -61,7 +63,7 @@ def evaluate(
     bar.close()
     from esft.tasks.base import Scores
 
-    summary = task.summary(Scores(total=totals, parts=parts, failures=failures))
+    summary = task.summary(Scores(total=totals, parts=parts, failures=failures, completions=texts))
     summary["completion_tokens"] = tokens / max(len(rows), 1)
     summary["reward_failures"] = failures
     summary["samples"] = len(rows)

@@ -147,7 +147,8 @@ class ESTrainer:
             t0 = time.perf_counter()
 
             # 1-2: evaluate every member on the same prompts.
-            member_rewards, part_sums, n_tokens, n_truncated, failures = [], {}, 0, 0, 0
+            summaries: list[dict[str, float]] = []
+            n_tokens = n_truncated = failures = 0
             for member in tqdm(
                 members, desc=f"iter {t}", unit="member", leave=False, disable=not self.progress
             ):
@@ -164,13 +165,12 @@ class ESTrainer:
                     timer["noise"] += time.perf_counter() - tic
                 tic = time.perf_counter()
                 scores = task.score(rows, [g.text for g in gens])
+                summaries.append(task.summary(scores))
                 timer["score"] += time.perf_counter() - tic
-                member_rewards.append(sum(scores.total) / len(rows))
-                for name, values in scores.parts.items():
-                    part_sums[name] = part_sums.get(name, 0.0) + sum(values) / len(rows)
                 n_tokens += sum(g.num_tokens for g in gens)
                 n_truncated += sum(g.truncated for g in gens)
                 failures += scores.failures
+            member_rewards = [s["reward"] for s in summaries]
 
             # 3-4: shape, log the update's inputs, then update.
             weights = shape(member_rewards, cfg.shaping)
@@ -197,7 +197,12 @@ class ESTrainer:
                 "train/reward_std": float(r.std()),
                 "train/reward_min": float(r.min()),
                 "train/reward_max": float(r.max()),
-                **{f"train/reward/{k}": v / len(members) for k, v in part_sums.items()},
+                # mean over members of every part (train/reward/<part>) and task metric (e.g. accuracy)
+                **{
+                    f"train/{k}": float(np.mean([m[k] for m in summaries]))
+                    for k in summaries[0]
+                    if k != "reward"
+                },
                 "train/completion_tokens": n_tokens / (len(members) * len(rows)),
                 "train/truncated_fraction": n_truncated / (len(members) * len(rows)),
                 "train/reward_failures": failures,

@@ -41,6 +41,7 @@ class Scores:
     total: list[float]  # weighted sum of the parts, per sample
     parts: dict[str, list[float]]  # part name -> per-sample value (unweighted)
     failures: int = 0  # samples x parts that raised or returned a non-finite value
+    completions: list[str] = field(default_factory=list)  # the scored texts, for task metrics
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Task:
             parts[part.name] = values
             for i, v in enumerate(values):
                 total[i] += part.weight * v
-        return Scores(total=total, parts=parts, failures=failures)
+        return Scores(total=total, parts=parts, failures=failures, completions=list(completions))
 
     def summary(self, scores: Scores) -> dict[str, float]:
         """Mean reward, mean of each part, and the task's own metrics."""

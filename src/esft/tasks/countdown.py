@@ -234,9 +234,26 @@ def _file_splits(data_file: str, test_file: str | None, seed: int) -> dict[str, 
     }
 
 
+def _parsable(text: str) -> bool:
+    answers = _ANSWER_RE.findall(text)
+    if not answers:
+        return False
+    try:
+        parse_expression(answers[-1])
+    except UnsafeExpression:
+        return False
+    return True
+
+
 def accuracy(scores: Scores) -> dict[str, float]:
+    """Accuracy (answer part == 1) and the share of completions without a parsable final answer."""
     answers = scores.parts.get("answer", [])
-    return {"accuracy": sum(a >= 1.0 for a in answers) / len(answers)} if answers else {}
+    out = {"accuracy": sum(a >= 1.0 for a in answers) / len(answers)} if answers else {}
+    if scores.completions:
+        out["unparsable_fraction"] = sum(not _parsable(c) for c in scores.completions) / len(
+            scores.completions
+        )
+    return out
 
 
 def load(
