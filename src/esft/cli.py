@@ -109,6 +109,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from esft.evaluate import format_summary
     from esft.trainer import ESTrainer
 
+    if args.resume and not args.output:
+        raise ConfigError("--resume needs --output RUN_DIR, the folder of the run to continue")
     config, quickstart = _train_config(args, argv)
     if quickstart:
         print(
@@ -128,12 +130,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"esft: done. Run folder: {result.run_dir}")
     if len(result.eval_history) >= 2:
         first, last = result.eval_history[0], result.eval_history[-1]
-        print(
-            f"  test before (iter {first['iteration']}): {format_summary({k: v for k, v in first.items() if k != 'iteration'})}"
-        )
-        print(
-            f"  test after  (iter {last['iteration']}): {format_summary({k: v for k, v in last.items() if k != 'iteration'})}"
-        )
+        for label, row in (("before", first), ("after ", last)):
+            shown = {k: v for k, v in row.items() if k not in ("iteration", "split")}
+            print(f"  {row.get('split', 'test')} {label} (iter {row['iteration']}): {format_summary(shown)}")
     if result.final_checkpoint:
         print(f"  final checkpoint (loads with transformers): {result.final_checkpoint}")
         print(f"  evaluate it:  esft eval --run {result.run_dir}")

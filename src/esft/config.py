@@ -66,7 +66,9 @@ class ESConfig:
     eval_every: int = 0
     """Evaluate on the test split before training, every K iterations and at the end; 0 = never."""
     eval_limit: int = 0
-    """Test rows used by periodic evaluation; 0 = all."""
+    """Rows used by periodic evaluation; 0 = all."""
+    eval_split: str = "test"
+    """Split used by periodic evaluation: test (held out) or train (the prompts being optimised)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +129,9 @@ class ESConfig:
         for name in ("checkpoint_every", "eval_every", "eval_limit"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        need(
+            self.eval_split in ("train", "test"), f"eval_split must be train or test, got {self.eval_split!r}"
+        )
         need(isinstance(self.task_options, dict), "task_options must be a mapping of option -> value")
         need(
             isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,22 @@ from tqdm.auto import tqdm
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
-from esft.es import Member, ParamSet, iteration_members, shape
+from esft.es import Member, ParamSet, UpdateStats, iteration_members, shape
 from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
 from esft.runstore import RunStore
 from esft.tasks import Task, load_task
 
 # Settings a resumed run may change; anything else would change the trajectory.
-RESUMABLE = {"iterations", "checkpoint_every", "eval_every", "eval_limit", "output", "batch_size"}
+RESUMABLE = {
+    "iterations",
+    "checkpoint_every",
+    "eval_every",
+    "eval_limit",
+    "eval_split",
+    "output",
+    "batch_size",
+}
 
 
 def trainable(params: dict[str, Any], freeze: list[str]) -> dict[str, Any]:
@@ -52,6 +61,66 @@ def apply_seedlog(params: ParamSet, entries: list[dict[str, Any]]) -> None:
     for e in entries:
         members = [Member(int(s), int(sign)) for s, sign in e["members"]]
         params.update(members, e["weights"], e["alpha"])
+
+
+@dataclass
+class Population:
+    """What one iteration's members produced."""
+
+    summaries: list[dict[str, float]] = field(default_factory=list)  # task.summary() per member
+    completions: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    failures: int = 0
+    timer: dict[str, float] = field(
+        default_factory=lambda: {"generate": 0.0, "score": 0.0, "noise": 0.0, "update": 0.0}
+    )
+
+
+def iteration_metrics(
+    t: int, samples: int, pop: Population, stats: UpdateStats, seconds: float
+) -> dict[str, Any]:
+    """The metrics.jsonl row of iteration ``t`` (namespaces train/, es/, perf/)."""
+    r = np.asarray([s["reward"] for s in pop.summaries])
+    n = max(pop.completions, 1)
+    gen_s = pop.timer["generate"]
+    return {
+        "iteration": t,
+        "samples": samples,
+        "train/reward_mean": float(r.mean()),
+        "train/reward_std": float(r.std()),
+        "train/reward_min": float(r.min()),
+        "train/reward_max": float(r.max()),
+        # mean over members of every part (train/reward/<part>) and task metric (e.g. accuracy)
+        **{
+            f"train/{k}": float(np.mean([s[k] for s in pop.summaries]))
+            for k in pop.summaries[0]
+            if k != "reward"
+        },
+        "train/completion_tokens": pop.tokens / n,
+        "train/truncated_fraction": pop.truncated / n,
+        "train/reward_failures": pop.failures,
+        "es/update_norm": stats.update_norm,
+        "es/update_ratio": stats.update_ratio,
+        "es/param_norm": stats.param_norm,
+        "es/changed_fraction": stats.changed_fraction,
+        "perf/seconds": seconds,
+        **{f"perf/{k}_seconds": v for k, v in pop.timer.items()},
+        "perf/tokens_per_second": pop.tokens / gen_s if gen_s > 0 else 0.0,
+        "member_rewards": r.tolist(),
+    }
+
+
+def summary_line(m: dict[str, Any], iterations: int) -> str:
+    failures = m["train/reward_failures"]
+    return (
+        f"iter {m['iteration']:>4}/{iterations} | reward {m['train/reward_mean']:.4g} "
+        f"(min {m['train/reward_min']:.4g} max {m['train/reward_max']:.4g}) | "
+        f"len {m['train/completion_tokens']:.0f} tok | ||d||/||theta|| {m['es/update_ratio']:.2e} | "
+        f"{m['perf/seconds']:.1f}s (gen {m['perf/generate_seconds']:.1f} score {m['perf/score_seconds']:.2f} "
+        f"noise {m['perf/noise_seconds']:.1f} update {m['perf/update_seconds']:.1f}) | "
+        f"{m['perf/tokens_per_second']:.0f} tok/s" + (f" | {failures} reward failures" if failures else "")
+    )
 
 
 @dataclass
@@ -141,36 +210,12 @@ class ESTrainer:
         for t in range(start + 1, cfg.iterations + 1):
             row_ids = prompt_batch(len(train_rows), cfg.prompts_per_iteration, cfg.seed, t)
             rows = [train_rows[i] for i in row_ids]
-            prompts = [r["prompt"] for r in rows]
             members = iteration_members(cfg.seed, t, cfg.population, cfg.antithetic)
-            timer = {"generate": 0.0, "score": 0.0, "noise": 0.0, "update": 0.0}
             t0 = time.perf_counter()
 
-            # 1-2: evaluate every member on the same prompts.
-            summaries: list[dict[str, float]] = []
-            n_tokens = n_truncated = failures = 0
-            for member in tqdm(
-                members, desc=f"iter {t}", unit="member", leave=False, disable=not self.progress
-            ):
-                tic = time.perf_counter()
-                params.perturb(member, cfg.sigma)
-                timer["noise"] += time.perf_counter() - tic
-                try:
-                    tic = time.perf_counter()
-                    gens = engine.generate(prompts, self.max_new_tokens)
-                    timer["generate"] += time.perf_counter() - tic
-                finally:
-                    tic = time.perf_counter()
-                    params.restore()
-                    timer["noise"] += time.perf_counter() - tic
-                tic = time.perf_counter()
-                scores = task.score(rows, [g.text for g in gens])
-                summaries.append(task.summary(scores))
-                timer["score"] += time.perf_counter() - tic
-                n_tokens += sum(g.num_tokens for g in gens)
-                n_truncated += sum(g.truncated for g in gens)
-                failures += scores.failures
-            member_rewards = [s["reward"] for s in summaries]
+            # 1-2: every member perturbs, generates on the same prompts, restores, and is scored.
+            pop = self._score_population(engine, params, members, rows, t)
+            member_rewards = [s["reward"] for s in pop.summaries]
 
             # 3-4: shape, log the update's inputs, then update.
             weights = shape(member_rewards, cfg.shaping)
@@ -185,48 +230,16 @@ class ESTrainer:
             )
             tic = time.perf_counter()
             stats = params.update(members, weights, cfg.alpha)
-            timer["update"] = time.perf_counter() - tic
-            seconds = time.perf_counter() - t0
+            pop.timer["update"] = time.perf_counter() - tic
             samples_done += len(members) * len(rows)
 
-            r = np.asarray(member_rewards)
-            metrics = {
-                "iteration": t,
-                "samples": samples_done,
-                "train/reward_mean": float(r.mean()),
-                "train/reward_std": float(r.std()),
-                "train/reward_min": float(r.min()),
-                "train/reward_max": float(r.max()),
-                # mean over members of every part (train/reward/<part>) and task metric (e.g. accuracy)
-                **{
-                    f"train/{k}": float(np.mean([m[k] for m in summaries]))
-                    for k in summaries[0]
-                    if k != "reward"
-                },
-                "train/completion_tokens": n_tokens / (len(members) * len(rows)),
-                "train/truncated_fraction": n_truncated / (len(members) * len(rows)),
-                "train/reward_failures": failures,
-                "es/update_norm": stats.update_norm,
-                "es/update_ratio": stats.update_ratio,
-                "es/param_norm": stats.param_norm,
-                "es/changed_fraction": stats.changed_fraction,
-                "perf/seconds": seconds,
-                **{f"perf/{k}_seconds": v for k, v in timer.items()},
-                "perf/tokens_per_second": n_tokens / timer["generate"] if timer["generate"] > 0 else 0.0,
-                "member_rewards": member_rewards,
-            }
+            metrics = iteration_metrics(t, samples_done, pop, stats, time.perf_counter() - t0)
             store.append_metrics(metrics)
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
                     tb.add_scalar(k, v, t)
             bar.update(1)
-            self._log(
-                f"iter {t:>4}/{cfg.iterations} | reward {r.mean():.4g} (min {r.min():.4g} max {r.max():.4g}) | "
-                f"len {metrics['train/completion_tokens']:.0f} tok | ||d||/||theta|| {stats.update_ratio:.2e} | "
-                f"{seconds:.1f}s (gen {timer['generate']:.1f} score {timer['score']:.2f} noise {timer['noise']:.1f} "
-                f"update {timer['update']:.1f}) | {metrics['perf/tokens_per_second']:.0f} tok/s"
-                + (f" | {failures} reward failures" if failures else "")
-            )
+            self._log(summary_line(metrics, cfg.iterations))
 
             final = t == cfg.iterations
             if final or (cfg.checkpoint_every and t % cfg.checkpoint_every == 0):
@@ -242,6 +255,36 @@ class ESTrainer:
         return TrainResult(store.root, cfg.iterations, ckpts.get(cfg.iterations), evals)
 
     # -- pieces -----------------------------------------------------------------------------------
+
+    def _score_population(
+        self, engine: Engine, params: ParamSet, members: list[Member], rows: list[dict[str, Any]], t: int
+    ) -> Population:
+        """Perturb -> generate -> restore -> score, member by member, timing each part."""
+        cfg, task = self.config, self.task
+        prompts = [r["prompt"] for r in rows]
+        pop = Population()
+        member_bar = self.progress and sys.stderr.isatty()  # a bar per member floods non-terminal logs
+        for member in tqdm(members, desc=f"iter {t}", unit="member", leave=False, disable=not member_bar):
+            tic = time.perf_counter()
+            params.perturb(member, cfg.sigma)
+            pop.timer["noise"] += time.perf_counter() - tic
+            try:
+                tic = time.perf_counter()
+                gens = engine.generate(prompts, self.max_new_tokens)
+                pop.timer["generate"] += time.perf_counter() - tic
+            finally:
+                tic = time.perf_counter()
+                params.restore()
+                pop.timer["noise"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            scores = task.score(rows, [g.text for g in gens])
+            pop.summaries.append(task.summary(scores))
+            pop.timer["score"] += time.perf_counter() - tic
+            pop.completions += len(gens)
+            pop.tokens += sum(g.num_tokens for g in gens)
+            pop.truncated += sum(g.truncated for g in gens)
+            pop.failures += scores.failures
+        return pop
 
     def _build_engine(self, path: str) -> Engine:
         cfg = self.config
@@ -282,12 +325,18 @@ class ESTrainer:
     def _evaluate(self, engine: Engine, t: int, tb) -> dict[str, Any]:
         cfg = self.config
         summary, _ = evaluate(
-            engine, self.task, "test", cfg.eval_limit, self.max_new_tokens, cfg.batch_size, self.progress
+            engine,
+            self.task,
+            cfg.eval_split,
+            cfg.eval_limit,
+            self.max_new_tokens,
+            cfg.batch_size,
+            self.progress,
         )
-        row = {"iteration": t, **summary}
+        row = {"iteration": t, "split": cfg.eval_split, **summary}
         self.store.append_eval(row)
         for k, v in summary.items():
             if isinstance(v, (int, float)):
                 tb.add_scalar(f"eval/{k}", v, t)
-        self._log(f"eval @ iter {t}: {format_summary(summary)}")
+        self._log(f"eval ({cfg.eval_split}) @ iter {t}: {format_summary(summary)}")
         return row
