@@ -7,7 +7,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from esft.engines.base import Engine
-from esft.tasks.base import Task
+from esft.tasks.base import Scores, Task
 
 
 def evaluate(
@@ -61,8 +61,6 @@ def evaluate(
             )
         bar.update(len(batch))
     bar.close()
-    from esft.tasks.base import Scores
-
     summary = task.summary(Scores(total=totals, parts=parts, failures=failures, completions=texts))
     summary["completion_tokens"] = tokens / max(len(rows), 1)
     summary["reward_failures"] = failures

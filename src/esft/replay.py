@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
 from esft.es import ParamSet
+from esft.models import resolve_model
 from esft.runstore import RunStore
 from esft.trainer import apply_seedlog, trainable
 
@@ -31,15 +33,11 @@ def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[
         raise ConfigError(
             f"--iteration must be between 0 and {len(log)} (the iterations in {store.seedlog_path})"
         )
-    from esft.models import resolve_model
-
     model_path = saved.get("model_path") or resolve_model(config.model)
     engine = build_engine(
         config.engine, model_path, dtype=config.dtype, device=config.device, batch_size=config.batch_size
     )
     params = ParamSet(trainable(engine.parameters(), config.freeze), scheme=config.noise)
-    from tqdm.auto import tqdm
-
     for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):
         apply_seedlog(params, [entry])
     return engine, config
