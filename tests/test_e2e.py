@@ -190,3 +190,12 @@ def test_existing_run_is_not_overwritten(tiny_model, straight_run, capsys):
     assert train(tiny_model, straight_run, 4) == 2
     assert "--resume" in capsys.readouterr().err
     assert (straight_run / "seedlog.jsonl").read_text() == before
+
+
+def test_table_noise_run_replays_bit_identically(tiny_model, tmp_path, capsys):
+    out = tmp_path / "table"
+    assert train(tiny_model, out, 2, "--noise", "table") == 0
+    base, final = weights(tiny_model), weights(out / "checkpoints" / "iter-000002")
+    assert all(not torch.equal(base[k], final[k]) for k in base)
+    assert main(["replay", "--run", str(out), "--iteration", "2", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out

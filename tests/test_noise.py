@@ -52,3 +52,23 @@ def test_antithetic_members_share_seeds_in_pairs():
     for k in range(3):
         assert members[2 * k].seed == members[2 * k + 1].seed
     assert isinstance(members[0], Member)
+
+
+def test_table_noise_is_deterministic_per_seed_and_name():
+    a = noise_for((300, 5000), 3, "x.weight", scheme=NoiseScheme.TABLE)
+    b = noise_for((300, 5000), 3, "x.weight", scheme=NoiseScheme.TABLE)
+    c = noise_for((300, 5000), 3, "y.weight", scheme=NoiseScheme.TABLE)
+    d = noise_for((300, 5000), 4, "x.weight", scheme=NoiseScheme.TABLE)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    for other in (c, d):
+        corr = torch.corrcoef(torch.stack([a.flatten(), other.flatten()]))[0, 1]
+        assert abs(float(corr)) < 0.01
+
+
+def test_table_noise_is_standard_normal_across_chunks():
+    x = noise_for((3_000_000,), 11, "big", scheme=NoiseScheme.TABLE)  # spans several table chunks
+    assert abs(float(x.mean())) < 0.01
+    assert abs(float(x.std()) - 1.0) < 0.01
+    chunk = 2**20
+    assert not torch.equal(x[:1000], x[chunk : chunk + 1000])  # chunks come from different offsets

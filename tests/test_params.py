@@ -109,3 +109,22 @@ def test_misuse_is_refused():
     ps.restore()
     with pytest.raises(ValueError):
         ParamSet({})
+
+
+@pytest.mark.parametrize("scheme", ["independent", "table", "correlated"])
+def test_every_scheme_restores_exactly_and_updates_like_naive(scheme):
+    params = make_params(torch.bfloat16)
+    original = {k: v.clone() for k, v in params.items()}
+    ps = ParamSet(params, scheme=scheme)
+    ps.perturb(Member(5, -1), 1e-2)
+    ps.restore()
+    assert all(torch.equal(params[k], original[k]) for k in params)
+    members, z = [Member(1), Member(2, -1)], [0.7, -0.7]
+    ps.update(members, z, 0.5)
+    for name, t in params.items():
+        acc = sum(
+            w * m.sign * noise_for(t.shape, m.seed, name, scheme=scheme).double()
+            for m, w in zip(members, z, strict=True)
+        )
+        expected = (original[name].double() + 0.5 / 2 * acc).to(torch.bfloat16)
+        assert (t != expected).float().mean() < 0.01

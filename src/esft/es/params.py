@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esft.es.noise import Member, NoiseScheme, noise_for
+from esft.es.noise import Member, NoiseScheme, noise_slices
 
 
 @dataclass
@@ -47,6 +47,11 @@ class ParamSet:
         if not params:
             raise ValueError("no trainable parameters: every parameter is frozen")
         self.params = dict(params)
+        for name, t in self.params.items():
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"parameter {name} is not contiguous; ES updates it in place through a flat view"
+                )
         self.scheme = NoiseScheme(scheme)
         with torch.no_grad():
             self.pristine = {name: t.detach().clone() for name, t in self.params.items()}
@@ -57,14 +62,16 @@ class ParamSet:
     def numel(self) -> int:
         return sum(t.numel() for t in self.params.values())
 
-    def _eps(self, name: str, member: Member) -> torch.Tensor:
-        """Noise for ``name`` under ``member`` (sign not applied), in a reused float32 buffer."""
+    def _eps(self, name: str, member: Member):
+        """(start, values) slices of the flattened float32 noise of ``name`` under ``member``."""
         t = self.params[name]
-        key = (tuple(t.shape), t.device)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(t.shape, dtype=torch.float32, device=t.device)
-        return noise_for(t.shape, member.seed, name, t.device, self.scheme, out=buf)
+        buf = None
+        if self.scheme != NoiseScheme.TABLE:  # generated noise is drawn into a reused buffer
+            key = (tuple(t.shape), t.device)
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = self._buffers[key] = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+        return noise_slices(t.shape, member.seed, name, t.device, self.scheme, buf)
 
     @torch.no_grad()
     def perturb(self, member: Member, sigma: float) -> None:
@@ -73,9 +80,11 @@ class ParamSet:
             raise RuntimeError("perturb() called twice without restore()")
         self.perturbed = True
         for name, live in self.params.items():
-            eps = self._eps(name, member)
-            eps.mul_(sigma * member.sign).add_(self.pristine[name])  # float32, pristine upcast
-            live.copy_(eps)
+            flat_live, flat_base = live.view(-1), self.pristine[name].view(-1)
+            for start, eps in self._eps(name, member):
+                end = start + eps.numel()
+                # computed in float32 (eps is float32), rounded once into the live dtype
+                torch.add(flat_base[start:end], eps, alpha=sigma * member.sign, out=flat_live[start:end])
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -111,8 +120,10 @@ class ParamSet:
             if not active:
                 continue
             acc = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
+            flat_acc = acc.view(-1)
             for member, w in active:
-                acc.add_(self._eps(name, member), alpha=w * member.sign)
+                for start, eps in self._eps(name, member):
+                    flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
             # new = cast(old + alpha/N * acc); the step is taken once, in float32.
             acc.mul_(alpha / n).add_(old)
             new = acc.to(old.dtype)
