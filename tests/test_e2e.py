@@ -199,3 +199,27 @@ def test_table_noise_run_replays_bit_identically(tiny_model, tmp_path, capsys):
     assert all(not torch.equal(base[k], final[k]) for k in base)
     assert main(["replay", "--run", str(out), "--iteration", "2", "--quiet"]) == 0
     assert "bit-identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "task,options",
+    [
+        ("math", []),
+        ("gsm8k", []),
+        ("sudoku", ["--task-option", "train_size=4", "--task-option", "test_size=2"]),
+        ("rg:leg_counting", ["--task-option", "train_size=4", "--task-option", "test_size=2"]),
+    ],
+)
+def test_every_task_trains_and_evaluates(tiny_model, tmp_path, task, options):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_model), "--output", str(out), "--task", task, *options,
+               "--population", "2", "--iterations", "1", "--max-new-tokens", "6",
+               "--prompts-per-iteration", "2", "--quiet"])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert "train/accuracy" in metrics and "train/reward/answer" in metrics
+    assert (
+        main(["eval", "--run", str(out), "--limit", "2", "--output", str(tmp_path / "e.jsonl"), "--quiet"])
+        == 0
+    )
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2

@@ -203,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for s in samples:
-            f.write(json.dumps(s) + "\n")
+            f.write(json.dumps(s, default=str) + "\n")
     print(f"{task_name}/{args.split} ({summary['samples']} prompts, {label}): {format_summary(summary)}")
     print(f"per-sample results: {out}")
     return 0

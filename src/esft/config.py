@@ -24,7 +24,7 @@ class ESConfig:
     model: str | None = None
     """Hugging Face id or local folder; None uses the embedded Qwen2.5-Coder-0.5B-Instruct."""
     task: str = "countdown"
-    """Task name (countdown, conciseness)."""
+    """Task: countdown, conciseness, math, gsm8k, sudoku, or rg:<reasoning-gym dataset>."""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the task, e.g. {"data_file": "my.jsonl", "train_size": 200}."""
     reward: str | None = None
@@ -40,7 +40,7 @@ class ESConfig:
     seed: int = 0
     """Run seed: every iteration's seeds and prompt mini-batch derive from (seed, iteration)."""
     max_new_tokens: int | None = None
-    """Completion length limit; None uses the task's default (countdown 1024, conciseness 100)."""
+    """Completion length limit; None uses the task's default (conciseness 100, the others 1024)."""
     prompts_per_iteration: int | None = None
     """Prompt mini-batch per iteration, shared by all members; None uses the whole train split."""
     antithetic: bool = False
@@ -76,7 +76,7 @@ class ESConfig:
 
     def validate(self) -> None:
         from esft.es.shaping import SHAPERS
-        from esft.tasks import TASKS
+        from esft.tasks import is_task, task_names
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -113,7 +113,7 @@ class ESConfig:
             or (isinstance(self.prompts_per_iteration, int) and self.prompts_per_iteration >= 1),
             f"prompts_per_iteration must be an integer >= 1, got {self.prompts_per_iteration!r}",
         )
-        need(self.task in TASKS, f"unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}")
+        need(is_task(self.task), f"unknown task {self.task!r}; available: {task_names()}")
         need(
             self.shaping in SHAPERS,
             f"unknown shaping {self.shaping!r}; use one of {', '.join(sorted(SHAPERS))}",

@@ -6,6 +6,7 @@ function given as ``module:function`` or ``path/to/file.py:function``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -14,23 +15,48 @@ from pathlib import Path
 from typing import Any
 
 from esft.errors import ConfigError
-from esft.tasks import conciseness, countdown
+from esft.tasks import conciseness, countdown, math_tasks, rgym
 from esft.tasks.base import RewardPart, Scores, Task, completion_text
 
 TASKS: dict[str, Callable[..., Task]] = {
     "countdown": countdown.load,
     "conciseness": conciseness.load,
+    "math": math_tasks.load_math,
+    "gsm8k": math_tasks.load_gsm8k,
+    "sudoku": rgym.load_sudoku,
 }
+RG_PREFIX = "rg:"  # rg:<dataset> builds a task from any reasoning-gym generator
 
-__all__ = ["TASKS", "RewardPart", "Scores", "Task", "completion_text", "import_object", "load_task"]
+__all__ = [
+    "TASKS",
+    "RewardPart",
+    "Scores",
+    "Task",
+    "completion_text",
+    "import_object",
+    "is_task",
+    "load_task",
+]
+
+
+def is_task(name: str) -> bool:
+    return name in TASKS or (name.startswith(RG_PREFIX) and len(name) > len(RG_PREFIX))
+
+
+def task_names() -> str:
+    return ", ".join(sorted(TASKS)) + ", rg:<reasoning-gym dataset>"
 
 
 def load_task(name: str, reward: str | None = None, **options: Any) -> Task:
     """Build task ``name`` with its ``options``; ``reward`` optionally replaces its reward functions."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
-    factory = TASKS[name]
-    accepted = set(inspect.signature(factory).parameters)
+    if not is_task(name):
+        raise ConfigError(f"unknown task {name!r}; available: {task_names()}")
+    if name.startswith(RG_PREFIX):
+        factory = functools.partial(rgym.load_rg, name[len(RG_PREFIX) :])
+        accepted = set(inspect.signature(rgym.load_rg).parameters) - {"dataset"}
+    else:
+        factory = TASKS[name]
+        accepted = set(inspect.signature(factory).parameters)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ConfigError(

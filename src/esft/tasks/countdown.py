@@ -25,6 +25,7 @@ from typing import Any
 
 from esft.tasks.base import RewardPart, Scores, Task, completion_text
 from esft.tasks.data_files import read_rows
+from esft.tasks.extract import format_score
 
 SYSTEM = (
     "You are a helpful assistant. You first think about the reasoning process in the mind "
@@ -39,7 +40,6 @@ PREFILL = "Let me solve this step by step.\n<think>"
 
 MAX_EXPRESSION_CHARS = 200  # far above any honest answer for <= 6 numbers
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_FULL_FORMAT_RE = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
 _ALLOWED_CHARS_RE = re.compile(r"^[0-9+\-*/() \t\n.]+$")
 
 
@@ -116,19 +116,6 @@ def answer_score(text: str, nums: list[int], target: int | float) -> float:
     except (UnsafeExpression, ZeroDivisionError, RecursionError):
         return 0.0
     return 1.0 if abs(float(value) - float(target)) < 1e-5 else 0.0
-
-
-def format_score(text: str) -> float:
-    """Format score of a completion whose prompt ended with ``<think>`` (as the paper's code)."""
-    text = "<think>" + text
-    if _FULL_FORMAT_RE.match(text):
-        return 1.0
-    score = 0.0
-    if re.search(r"<think>.*?</think>", text, re.DOTALL):
-        score += 0.1
-    if _ANSWER_RE.search(text):
-        score += 0.5
-    return score
 
 
 # -- TRL-signature reward functions --------------------------------------------------------------------

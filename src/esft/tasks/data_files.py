@@ -14,8 +14,8 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
     rows: list[Any]
+    text = p.read_text(encoding="utf-8") if p.suffix in (".json", ".jsonl") else ""
     if p.suffix == ".json":
         try:
             rows = json.loads(text)
@@ -27,6 +27,15 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str
             rows = rows["data"]
         if not isinstance(rows, list):
             raise DataError(f"{p}: expected a JSON array of objects")
+    elif p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{p}: reading Parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:
+            raise DataError(f"{p}: not a readable Parquet file ({type(e).__name__})") from None
     elif p.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -39,7 +48,7 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str
                     f"{p}:{lineno}: not valid JSON ({e.msg}); expected one object per line"
                 ) from None
     else:
-        raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .json or .jsonl")
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet")
     if not rows:
         raise DataError(f"{p}: the file holds no rows")
     for i, row in enumerate(rows, start=1):
