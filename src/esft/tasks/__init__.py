@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esft.errors import ConfigError
-from esft.tasks import conciseness, countdown, math_tasks, rgym
+from esft.tasks import conciseness, countdown, custom, math_tasks, rgym
 from esft.tasks.base import RewardPart, Scores, Task, completion_text
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -24,6 +24,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "math": math_tasks.load_math,
     "gsm8k": math_tasks.load_gsm8k,
     "sudoku": rgym.load_sudoku,
+    "custom": custom.load_custom,
 }
 RG_PREFIX = "rg:"  # rg:<dataset> builds a task from any reasoning-gym generator
 
@@ -39,18 +40,27 @@ __all__ = [
 ]
 
 
+def _is_user_task(name: str) -> bool:
+    """``file.py:obj`` or ``package.module:obj`` (a user's Task or Task factory)."""
+    module, sep, attr = name.rpartition(":")
+    return bool(sep and module and attr) and not name.startswith(RG_PREFIX)
+
+
 def is_task(name: str) -> bool:
-    return name in TASKS or (name.startswith(RG_PREFIX) and len(name) > len(RG_PREFIX))
+    return name in TASKS or (name.startswith(RG_PREFIX) and len(name) > len(RG_PREFIX)) or _is_user_task(name)
 
 
 def task_names() -> str:
-    return ", ".join(sorted(TASKS)) + ", rg:<reasoning-gym dataset>"
+    return ", ".join(sorted(TASKS)) + ", rg:<reasoning-gym dataset>, path/to/file.py:make_task"
 
 
 def load_task(name: str, reward: str | None = None, **options: Any) -> Task:
     """Build task ``name`` with its ``options``; ``reward`` optionally replaces its reward functions."""
     if not is_task(name):
         raise ConfigError(f"unknown task {name!r}; available: {task_names()}")
+    if _is_user_task(name):
+        task = custom.task_from_object(name, import_object(name), options)
+        return _with_reward(task, reward)
     if name.startswith(RG_PREFIX):
         factory = functools.partial(rgym.load_rg, name[len(RG_PREFIX) :])
         accepted = set(inspect.signature(rgym.load_rg).parameters) - {"dataset"}
@@ -63,12 +73,22 @@ def load_task(name: str, reward: str | None = None, **options: Any) -> Task:
             f"task {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(accepted))}"
         )
     task = factory(**options)
+    if name == "custom" and not reward:
+        raise ConfigError("task custom needs a reward: --reward my_rewards.py:my_fn")
+    return _with_reward(task, reward)
+
+
+def _with_reward(task: Task, reward: str | None) -> Task:
     if reward:
         fn = import_object(reward)
         if not callable(fn):
             raise ConfigError(f"--reward {reward!r} is not callable")
         task.rewards = [RewardPart(getattr(fn, "__name__", "reward"), fn, 1.0)]
         task.metrics = None
+    if not task.rewards:
+        raise ConfigError(
+            f"task {task.name!r} has no reward functions; add one or pass --reward module:function"
+        )
     return task
 
 
@@ -81,7 +101,7 @@ def import_object(spec: str) -> Any:
         if module_name.endswith(".py") or "/" in module_name:
             path = Path(module_name).expanduser()
             if not path.is_file():
-                raise ConfigError(f"reward file {module_name!r} does not exist")
+                raise ConfigError(f"file {module_name!r} (from {spec!r}) does not exist")
             mod_spec = importlib.util.spec_from_file_location(f"esft_user_{path.stem}", path)
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)

@@ -1,0 +1,67 @@
+"""User-defined tasks: a data file plus a reward, or a Task built in a Python file.
+
+1. ``--task custom --data rows.jsonl --reward my_rewards.py:fn``: rows hold ``prompt`` (a string, or
+   a list of chat messages) plus any columns the reward reads; an optional ``split`` column (else a
+   fixed 90/10 split). Without ``--reward`` there is nothing to optimise, so it is an error.
+2. ``--task path/to/file.py:make_task`` (or ``package.module:make_task``): the object is a
+   :class:`~esft.tasks.base.Task`, or a callable that takes the ``--task-option`` values as keyword
+   arguments and returns one. See ``examples/custom_task.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from esft.errors import ConfigError, DataError
+from esft.tasks.base import Task
+from esft.tasks.data_files import read_rows
+
+
+def load_custom(data_file: str | None = None, test_file: str | None = None, seed: int = 42) -> Task:
+    """Rows from ``data_file`` (``prompt`` + reward columns); the reward comes from ``--reward``."""
+    if not data_file:
+        raise ConfigError(
+            "task custom needs a data file: --data rows.jsonl (rows with 'prompt' + your columns)"
+        )
+
+    def loader(split: str) -> list[dict[str, Any]]:
+        path = test_file if (split == "test" and test_file) else data_file
+        rows = read_rows(path, required=("prompt",))
+        for i, r in enumerate(rows, start=1):
+            p = r["prompt"]
+            if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p))):
+                raise DataError(f"{path}: row {i}: 'prompt' must be a string or a list of chat messages")
+        if split == "test" and test_file:
+            return rows
+        if any("split" in r for r in rows):
+            return [r for r in rows if r.get("split") == split]
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        test = set(order[: max(1, len(rows) // 10)]) if len(rows) > 1 else set()
+        return [r for i, r in enumerate(rows) if (i in test) == (split == "test")]
+
+    return Task(
+        name="custom",
+        loader=loader,
+        rewards=[],
+        description=f"rows from {data_file}",
+        options={"data_file": data_file, "test_file": test_file, "seed": seed},
+    )
+
+
+def task_from_object(spec: str, obj: Any, options: dict[str, Any]) -> Task:
+    """A Task from a user object: a Task instance, or a factory called with ``options``."""
+    if isinstance(obj, Task):
+        if options:
+            raise ConfigError(f"{spec} is a Task instance and takes no --task-option")
+        return obj
+    if callable(obj):
+        try:
+            task = obj(**options)
+        except TypeError as e:
+            raise ConfigError(f"{spec} cannot be called as a task factory: {e}") from None
+        if isinstance(task, Task):
+            return task
+        raise ConfigError(f"{spec} returned {type(task).__name__}, not an esft Task")
+    raise ConfigError(f"{spec} is neither an esft Task nor a function returning one")
