@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esft.errors import ConfigError
-from esft.tasks import conciseness, countdown, custom, math_tasks, rgym
+from esft.tasks import arc, conciseness, countdown, custom, math_tasks, rgym
 from esft.tasks.base import RewardPart, Scores, Task, completion_text
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -24,6 +24,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "math": math_tasks.load_math,
     "gsm8k": math_tasks.load_gsm8k,
     "sudoku": rgym.load_sudoku,
+    "arc": arc.load,
     "custom": custom.load_custom,
 }
 RG_PREFIX = "rg:"  # rg:<dataset> builds a task from any reasoning-gym generator
