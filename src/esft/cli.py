@@ -188,8 +188,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = load_task(task_name, reward=reward, **task_options)
     dtype, device = args.dtype or dtype, args.device or device
     engine = build_engine(engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size)
+    sampling = None
+    if args.samples > 1 or args.temperature > 0:
+        if args.temperature <= 0:
+            raise ConfigError("--samples K > 1 needs sampling: also pass --temperature T (e.g. 0.7)")
+        if args.samples < 1:
+            raise ConfigError("--samples must be >= 1")
+        from esft.engines import Sampling
+
+        sampling = Sampling(args.samples, args.temperature, args.top_p, args.seed)
     summary, samples = evaluate(
-        engine, task, args.split, args.limit, args.max_new_tokens, args.batch_size, progress=not args.quiet
+        engine, task, args.split, args.limit, args.max_new_tokens, args.batch_size, not args.quiet, sampling
     )
     out = (
         Path(args.output)
@@ -259,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--limit", type=int, default=0, help="first K rows only (0 = all)")
     p.add_argument("--max-new-tokens", type=int, help="completion limit (default: the task's)")
+    p.add_argument(
+        "--samples", type=int, default=1, metavar="K", help="sampled completions per prompt (mean@K, pass@K)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy, the default)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
     p.add_argument("--device", help="cpu, cuda or auto")

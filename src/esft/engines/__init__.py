@@ -1,9 +1,9 @@
 """Engines own a model and turn prompts into completions; each exposes the tensors its forward uses."""
 
-from esft.engines.base import Engine, Generation, Prompt
+from esft.engines.base import Engine, Generation, Prompt, Sampling
 from esft.engines.hf import HFEngine
 
-__all__ = ["Engine", "Generation", "HFEngine", "Prompt", "build_engine"]
+__all__ = ["Engine", "Generation", "HFEngine", "Prompt", "Sampling", "build_engine"]
 
 
 def build_engine(name: str, model_path: str, **options) -> Engine:

@@ -26,14 +26,27 @@ class Generation:
     truncated: bool  # stopped by max_new_tokens rather than by an end-of-sequence token
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Stochastic decoding for evaluation (ES itself always decodes greedily)."""
+
+    samples: int = 1  # completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 @runtime_checkable
 class Engine(Protocol):
     def parameters(self) -> dict[str, torch.Tensor]:
         """Name -> live tensor read by the forward pass (Hugging Face names)."""
         ...
 
-    def generate(self, prompts: list[Prompt], max_new_tokens: int) -> list[Generation]:
-        """Greedy completions, one per prompt, in order."""
+    def generate(
+        self, prompts: list[Prompt], max_new_tokens: int, sampling: Sampling | None = None
+    ) -> list[Generation]:
+        """Greedy completions, one per prompt, in order; with ``sampling``, ``sampling.samples``
+        sampled completions per prompt, prompt-major (all of prompt 0's, then prompt 1's, ...)."""
         ...
 
     def save(self, path: str | Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from esft.engines.base import Generation, Prompt
+from esft.engines.base import Generation, Prompt, Sampling
 from esft.errors import ConfigError, ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,25 +104,39 @@ class HFEngine:
         )
 
     @torch.inference_mode()
-    def generate(self, prompts: list[Prompt], max_new_tokens: int) -> list[Generation]:
+    def generate(
+        self, prompts: list[Prompt], max_new_tokens: int, sampling: Sampling | None = None
+    ) -> list[Generation]:
         out: list[Generation] = []
         texts = [self.render(p) for p in prompts]
         # Raw prompts get the tokenizer's special tokens (e.g. BOS); chat templates already hold them.
         raw = all(isinstance(p, str) for p in prompts)
-        for start in range(0, len(texts), self.batch_size):
-            out.extend(self._generate_batch(texts[start : start + self.batch_size], max_new_tokens, raw))
+        if sampling is not None:
+            torch.manual_seed(sampling.seed)  # sampled evaluation is reproducible for a given seed
+        per_call = self.batch_size if sampling is None else max(1, self.batch_size // sampling.samples)
+        for start in range(0, len(texts), per_call):
+            out.extend(self._generate_batch(texts[start : start + per_call], max_new_tokens, raw, sampling))
         return out
 
-    def _generate_batch(self, texts: list[str], max_new_tokens: int, raw: bool) -> list[Generation]:
+    def _generate_batch(
+        self, texts: list[str], max_new_tokens: int, raw: bool, sampling: Sampling | None
+    ) -> list[Generation]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=raw)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         prompt_len = enc["input_ids"].shape[1]
+        if sampling is None:
+            decoding = {"do_sample": False, "temperature": None, "top_p": None}
+        else:
+            decoding = {
+                "do_sample": True,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "num_return_sequences": sampling.samples,
+            }
         seqs = self.model.generate(
             **enc,
+            **decoding,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
             top_k=None,
             repetition_penalty=None,
             num_beams=1,
