@@ -246,6 +246,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from esft.bench import format_table, run_bench
+    from esft.engines import build_engine
+    from esft.models import resolve_model
+    from esft.tasks import load_task
+
+    if args.population < 2 or args.prompts_per_member < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--population must be >= 2, --prompts-per-member and --max-new-tokens >= 1")
+    task = load_task(args.task, **_parse_task_options(args.task_option))
+    engine = build_engine(
+        "hf", resolve_model(args.model), dtype=args.dtype, device=args.device, batch_size=args.batch_size
+    )
+    results = run_bench(
+        engine,
+        task,
+        args.population,
+        args.prompts_per_member,
+        args.max_new_tokens,
+        args.noise,
+        args.sigma,
+        args.freeze,
+    )
+    info = {
+        "model": args.model or "embedded",
+        "task": args.task,
+        "N": args.population,
+        "prompts/member": len(task.train[: args.prompts_per_member]),
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": engine.dtype,
+    }
+    print(format_table(results, info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esft", description="Evolution Strategies fine-tuning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="per-sample JSONL path")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("bench", help="time one ES iteration against plain batched inference (the floor)")
+    p.add_argument("--model", help="HF id or folder (default: the embedded model)")
+    p.add_argument("--task", default="conciseness")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--population", type=int, default=30)
+    p.add_argument("--prompts-per-member", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--noise", nargs="+", default=["independent", "table"], choices=["independent", "table", "correlated"]
+    )
+    p.add_argument("--sigma", type=float, default=1e-3)
+    p.add_argument("--freeze", action="append", metavar="PATTERN", help="parameter-name pattern kept fixed")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+
     p = sub.add_parser("replay", help="rebuild an iteration's weights from the base model and the seed log")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--iteration", type=int, required=True, help="iteration to rebuild")
@@ -299,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, argv[1:])
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         return cmd_replay(args)
     except EsftError as e:
         print(f"esft: error: {e}", file=sys.stderr)

@@ -77,6 +77,43 @@ class Population:
     )
 
 
+def score_population(
+    engine: Engine,
+    params: ParamSet,
+    task: Task,
+    members: list[Member],
+    rows: list[dict[str, Any]],
+    sigma: float,
+    max_new_tokens: int,
+    desc: str = "members",
+    progress: bool = False,
+) -> Population:
+    """Perturb -> generate -> restore -> score, member by member, timing each part."""
+    prompts = [r["prompt"] for r in rows]
+    pop = Population()
+    for member in tqdm(members, desc=desc, unit="member", leave=False, disable=not progress):
+        tic = time.perf_counter()
+        params.perturb(member, sigma)
+        pop.timer["noise"] += time.perf_counter() - tic
+        try:
+            tic = time.perf_counter()
+            gens = engine.generate(prompts, max_new_tokens)
+            pop.timer["generate"] += time.perf_counter() - tic
+        finally:
+            tic = time.perf_counter()
+            params.restore()
+            pop.timer["noise"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        scores = task.score(rows, [g.text for g in gens])
+        pop.summaries.append(task.summary(scores))
+        pop.timer["score"] += time.perf_counter() - tic
+        pop.completions += len(gens)
+        pop.tokens += sum(g.num_tokens for g in gens)
+        pop.truncated += sum(g.truncated for g in gens)
+        pop.failures += scores.failures
+    return pop
+
+
 def iteration_metrics(
     t: int, samples: int, pop: Population, stats: UpdateStats, seconds: float
 ) -> dict[str, Any]:
@@ -214,7 +251,10 @@ class ESTrainer:
             t0 = time.perf_counter()
 
             # 1-2: every member perturbs, generates on the same prompts, restores, and is scored.
-            pop = self._score_population(engine, params, members, rows, t)
+            member_bar = self.progress and sys.stderr.isatty()  # a bar per member floods non-terminal logs
+            pop = score_population(
+                engine, params, task, members, rows, cfg.sigma, self.max_new_tokens, f"iter {t}", member_bar
+            )
             member_rewards = [s["reward"] for s in pop.summaries]
 
             # 3-4: shape, log the update's inputs, then update.
@@ -255,36 +295,6 @@ class ESTrainer:
         return TrainResult(store.root, cfg.iterations, ckpts.get(cfg.iterations), evals)
 
     # -- pieces -----------------------------------------------------------------------------------
-
-    def _score_population(
-        self, engine: Engine, params: ParamSet, members: list[Member], rows: list[dict[str, Any]], t: int
-    ) -> Population:
-        """Perturb -> generate -> restore -> score, member by member, timing each part."""
-        cfg, task = self.config, self.task
-        prompts = [r["prompt"] for r in rows]
-        pop = Population()
-        member_bar = self.progress and sys.stderr.isatty()  # a bar per member floods non-terminal logs
-        for member in tqdm(members, desc=f"iter {t}", unit="member", leave=False, disable=not member_bar):
-            tic = time.perf_counter()
-            params.perturb(member, cfg.sigma)
-            pop.timer["noise"] += time.perf_counter() - tic
-            try:
-                tic = time.perf_counter()
-                gens = engine.generate(prompts, self.max_new_tokens)
-                pop.timer["generate"] += time.perf_counter() - tic
-            finally:
-                tic = time.perf_counter()
-                params.restore()
-                pop.timer["noise"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            scores = task.score(rows, [g.text for g in gens])
-            pop.summaries.append(task.summary(scores))
-            pop.timer["score"] += time.perf_counter() - tic
-            pop.completions += len(gens)
-            pop.tokens += sum(g.num_tokens for g in gens)
-            pop.truncated += sum(g.truncated for g in gens)
-            pop.failures += scores.failures
-        return pop
 
     def _build_engine(self, path: str) -> Engine:
         cfg = self.config

@@ -1,0 +1,108 @@
+"""``esft bench``: the cost of one ES iteration against the floor of plain batched inference.
+
+For a model, task, population N, P prompts per member and L new tokens, it measures in one process,
+on one engine:
+  (a) the floor: one plain batched generation of the same N x P prompts with the unperturbed model;
+  (b) one full ES iteration per noise scheme: N x (perturb, generate P prompts, restore, score) and
+      the update, split into generate / score / noise / update;
+and prints a table of seconds, tokens/s and the ratio of each to the floor (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from esft.engines import Engine
+from esft.es import ParamSet, iteration_members, shape
+from esft.tasks import Task
+from esft.trainer import score_population, trainable
+
+
+@dataclass
+class BenchRow:
+    mode: str
+    seconds: float
+    generate: float
+    score: float
+    noise: float
+    update: float
+    tokens: int
+
+    def ratio(self, floor: float) -> float:
+        return self.seconds / floor if floor > 0 else float("inf")
+
+
+def run_bench(
+    engine: Engine,
+    task: Task,
+    population: int,
+    prompts_per_member: int,
+    max_new_tokens: int,
+    schemes: list[str],
+    sigma: float = 1e-3,
+    freeze: list[str] | None = None,
+    log=print,
+) -> list[BenchRow]:
+    rows = task.train[:prompts_per_member]
+    if len(rows) < prompts_per_member:
+        log(f"note: the train split has only {len(rows)} prompts; using {len(rows)} per member")
+    prompts = [r["prompt"] for r in rows]
+    engine.generate(prompts[:1], 2)  # warm-up, not timed
+
+    tic = time.perf_counter()
+    gens = engine.generate(prompts * population, max_new_tokens)
+    floor_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    task.score(rows * population, [g.text for g in gens])
+    floor_score = time.perf_counter() - tic
+    results = [
+        BenchRow("floor (batched)", floor_s, floor_s, floor_score, 0.0, 0.0, sum(g.num_tokens for g in gens))
+    ]
+    results[0].seconds += floor_score
+
+    live = trainable(engine.parameters(), freeze or [])
+    members = iteration_members(0, 1, population)
+    for scheme in schemes:
+        params = ParamSet(live, scheme=scheme)
+        if scheme == "table":
+            from esft.es.noise import noise_table
+
+            noise_table(next(iter(live.values())).device)  # built once per process, not per iteration
+        tic = time.perf_counter()
+        pop = score_population(engine, params, task, members, rows, sigma, max_new_tokens)
+        weights = shape([s["reward"] for s in pop.summaries])
+        t_update = time.perf_counter()
+        params.update(
+            members, weights, 0.0
+        )  # the full cost; a zero step leaves the weights exactly as they were
+        end = time.perf_counter()
+        results.append(
+            BenchRow(
+                f"ES, {scheme} noise",
+                end - tic,
+                pop.timer["generate"],
+                pop.timer["score"],
+                pop.timer["noise"],
+                end - t_update,
+                pop.tokens,
+            )
+        )
+    return results
+
+
+def format_table(results: list[BenchRow], info: dict[str, Any]) -> str:
+    floor = results[0].seconds
+    head = " | ".join(f"{k}={v}" for k, v in info.items())
+    lines = [
+        head,
+        f"{'mode':<22} {'total s':>8} {'generate':>9} {'score':>7} {'noise':>7} {'update':>7} {'tok/s':>7} {'x floor':>8}",
+    ]
+    for r in results:
+        tps = r.tokens / r.generate if r.generate > 0 else 0.0
+        lines.append(
+            f"{r.mode:<22} {r.seconds:>8.2f} {r.generate:>9.2f} {r.score:>7.2f} {r.noise:>7.2f} {r.update:>7.2f} "
+            f"{tps:>7.1f} {r.ratio(floor):>8.2f}"
+        )
+    return "\n".join(lines)

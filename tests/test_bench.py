@@ -1,0 +1,44 @@
+import torch
+from safetensors.torch import load_file
+
+from esft.bench import format_table, run_bench
+from esft.cli import main
+from esft.engines import HFEngine
+from esft.tasks import load_task
+
+
+def test_bench_measures_floor_and_each_scheme_without_changing_weights(tiny_model):
+    engine = HFEngine(tiny_model)
+    before = {k: v.clone() for k, v in engine.parameters().items()}
+    rows = run_bench(engine, load_task("conciseness"), 3, 2, 4, ["independent", "table"])
+    assert [r.mode for r in rows] == ["floor (batched)", "ES, independent noise", "ES, table noise"]
+    floor = rows[0]
+    assert floor.noise == 0 and floor.update == 0 and floor.tokens > 0
+    for r in rows[1:]:
+        assert r.generate > 0 and r.noise > 0 and r.update > 0 and r.tokens > 0
+        assert r.seconds >= r.generate + r.noise
+    assert all(torch.equal(before[k], v) for k, v in engine.parameters().items())
+    table = format_table(rows, {"N": 3})
+    assert "x floor" in table and table.count("\n") == 4
+
+
+def test_bench_cli(tiny_model, capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_model),
+                "--population",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--noise",
+                "table",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "floor (batched)" in out and "ES, table noise" in out
+    assert load_file(str(tiny_model / "model.safetensors"))  # the model folder is untouched
