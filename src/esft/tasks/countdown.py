@@ -23,8 +23,9 @@ import re
 from fractions import Fraction
 from typing import Any
 
+from esft.errors import DataError
 from esft.tasks.base import RewardPart, Scores, Task, completion_text
-from esft.tasks.data_files import read_rows
+from esft.tasks.data_files import file_split, read_rows
 from esft.tasks.extract import format_score
 
 SYSTEM = (
@@ -192,32 +193,22 @@ def _generated_splits(seed: int, train_size: int, test_size: int) -> dict[str, l
     return splits
 
 
+def _read_problems(path: str) -> list[dict[str, Any]]:
+    rows = read_rows(path, required=("target",))
+    for r in rows:
+        nums = r.get("nums", r.get("numbers"))
+        if not isinstance(nums, list) or not all(isinstance(n, int) for n in nums):
+            raise DataError(f"{path}: every row needs 'nums' (or 'numbers'): a list of integers")
+        r["nums"] = nums
+    return rows
+
+
 def _file_splits(data_file: str, test_file: str | None, seed: int) -> dict[str, list]:
-    def load(path):
-        rows = read_rows(path, required=("target",))
-        out = []
-        for r in rows:
-            nums = r.get("nums", r.get("numbers"))
-            if not isinstance(nums, list) or not all(isinstance(n, int) for n in nums):
-                from esft.errors import DataError
-
-                raise DataError(f"{path}: every row needs 'nums' (or 'numbers'): a list of integers")
-            out.append((nums, r["target"], r.get("split")))
-        return out
-
-    rows = load(data_file)
-    if test_file:
-        return {"train": [(n, t) for n, t, _ in rows], "test": [(n, t) for n, t, _ in load(test_file)]}
-    if any(s is not None for _, _, s in rows):
-        return {name: [(n, t) for n, t, s in rows if s == name] for name in ("train", "test")}
-    # No split given: a fixed-seed 90/10 shuffle split.
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_test = max(1, len(rows) // 10) if len(rows) > 1 else 0
-    test_idx = set(order[:n_test])
     return {
-        "train": [(n, t) for i, (n, t, _) in enumerate(rows) if i not in test_idx],
-        "test": [(n, t) for i, (n, t, _) in enumerate(rows) if i in test_idx],
+        split: [
+            (r["nums"], r["target"]) for r in file_split(split, data_file, test_file, seed, _read_problems)
+        ]
+        for split in ("train", "test")
     }
 
 

@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from esft.errors import ConfigError, DataError
 from esft.tasks.base import Task
-from esft.tasks.data_files import read_rows
+from esft.tasks.data_files import file_split, read_rows
 
 
 def load_custom(data_file: str | None = None, test_file: str | None = None, seed: int = 42) -> Task:
@@ -25,21 +24,16 @@ def load_custom(data_file: str | None = None, test_file: str | None = None, seed
             "task custom needs a data file: --data rows.jsonl (rows with 'prompt' + your columns)"
         )
 
-    def loader(split: str) -> list[dict[str, Any]]:
-        path = test_file if (split == "test" and test_file) else data_file
+    def read(path: str) -> list[dict[str, Any]]:
         rows = read_rows(path, required=("prompt",))
         for i, r in enumerate(rows, start=1):
             p = r["prompt"]
             if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p))):
                 raise DataError(f"{path}: row {i}: 'prompt' must be a string or a list of chat messages")
-        if split == "test" and test_file:
-            return rows
-        if any("split" in r for r in rows):
-            return [r for r in rows if r.get("split") == split]
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        test = set(order[: max(1, len(rows) // 10)]) if len(rows) > 1 else set()
-        return [r for i, r in enumerate(rows) if (i in test) == (split == "test")]
+        return rows
+
+    def loader(split: str) -> list[dict[str, Any]]:
+        return file_split(split, data_file, test_file, seed, read)
 
     return Task(
         name="custom",

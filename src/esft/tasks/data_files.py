@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,26 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str
         if missing:
             raise DataError(f"{p}: row {i} lacks {', '.join(missing)}; each row needs {', '.join(required)}")
     return rows
+
+
+def file_split(
+    split: str,
+    data_file: str,
+    test_file: str | None,
+    seed: int,
+    read: Callable[[str], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """The rows of ``split`` from user files, read (and validated) by ``read(path)``.
+
+    With a ``test_file``, ``data_file`` is all train. Otherwise rows go by their ``split`` column when
+    any row has one, else by a fixed-seed 90/10 shuffle (at least one test row when there are two+).
+    """
+    if test_file:
+        return read(test_file if split == "test" else data_file)
+    rows = read(data_file)
+    if any("split" in r for r in rows):
+        return [r for r in rows if r.get("split") == split]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    test = set(order[: max(1, len(rows) // 10)]) if len(rows) > 1 else set()
+    return [r for i, r in enumerate(rows) if (i in test) == (split == "test")]

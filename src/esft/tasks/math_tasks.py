@@ -15,13 +15,12 @@ project (tests and smoke runs, not a benchmark).
 
 from __future__ import annotations
 
-import random
 from importlib.resources import files
 from typing import Any
 
 from esft.errors import DataError
 from esft.tasks.base import RewardPart, Scores, Task, completion_text
-from esft.tasks.data_files import read_rows
+from esft.tasks.data_files import file_split, read_rows
 from esft.tasks.extract import last_boxed, last_number, normalize_number
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -88,25 +87,16 @@ def accuracy(scores: Scores) -> dict[str, float]:
     return {"accuracy": sum(v >= 1.0 for v in values) / len(values)} if values else {}
 
 
-def _split_rows(rows: list[dict[str, Any]], split: str, seed: int) -> list[dict[str, Any]]:
-    if any("split" in r for r in rows):
-        return [r for r in rows if r.get("split") == split]
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_test = max(1, len(rows) // 10) if len(rows) > 1 else 0
-    test = set(order[:n_test])
-    return [r for i, r in enumerate(rows) if (i in test) == (split == "test")]
-
-
 def _make(name: str, sample: str, reward, data_file, test_file, seed) -> Task:
-    def loader(split: str) -> list[dict[str, Any]]:
-        path = test_file if (split == "test" and test_file) else (data_file or str(DATA / sample))
+    def read(path: str) -> list[dict[str, Any]]:
         rows = read_rows(path)
         for i, r in enumerate(rows, start=1):
             if "answer" not in r or not ("problem" in r or "question" in r):
                 raise DataError(f"{path}: row {i} needs 'problem' (or 'question') and 'answer'")
-        if not (split == "test" and test_file):
-            rows = _split_rows(rows, split, seed)
+        return rows
+
+    def loader(split: str) -> list[dict[str, Any]]:
+        rows = file_split(split, data_file or str(DATA / sample), test_file, seed, read)
         return [
             {
                 "prompt": [
