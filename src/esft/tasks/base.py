@@ -44,6 +44,12 @@ class Scores:
     completions: list[str] = field(default_factory=list)  # the scored texts, for task metrics
 
 
+def answer_accuracy(scores: Scores) -> dict[str, float]:
+    """Share of samples whose ``answer`` part is 1 (tasks with a 1/0 answer part use it as metrics)."""
+    values = scores.parts.get("answer", [])
+    return {"accuracy": sum(v >= 1.0 for v in values) / len(values)} if values else {}
+
+
 @dataclass
 class Task:
     """A dataset with prompts and rewards. Rows are dicts holding ``prompt`` plus the reward columns.

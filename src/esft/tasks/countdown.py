@@ -24,9 +24,9 @@ from fractions import Fraction
 from typing import Any
 
 from esft.errors import DataError
-from esft.tasks.base import RewardPart, Scores, Task, completion_text
+from esft.tasks.base import RewardPart, Scores, Task, answer_accuracy, completion_text
 from esft.tasks.data_files import file_split, read_rows
-from esft.tasks.extract import format_score
+from esft.tasks.extract import format_score, last_answer_tag
 
 SYSTEM = (
     "You are a helpful assistant. You first think about the reasoning process in the mind "
@@ -40,7 +40,6 @@ USER = (
 PREFILL = "Let me solve this step by step.\n<think>"
 
 MAX_EXPRESSION_CHARS = 200  # far above any honest answer for <= 6 numbers
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ALLOWED_CHARS_RE = re.compile(r"^[0-9+\-*/() \t\n.]+$")
 
 
@@ -106,11 +105,11 @@ def evaluate(tree: ast.expr) -> Fraction:
 
 def answer_score(text: str, nums: list[int], target: int | float) -> float:
     """1.0 if the last <answer> uses each number of ``nums`` exactly once and equals ``target``."""
-    answers = _ANSWER_RE.findall(text)
-    if not answers:
+    answer = last_answer_tag(text)
+    if answer is None:
         return 0.0
     try:
-        tree, used = parse_expression(answers[-1])
+        tree, used = parse_expression(answer)
         if sorted(used) != sorted(int(n) for n in nums):
             return 0.0
         value = evaluate(tree)
@@ -213,11 +212,11 @@ def _file_splits(data_file: str, test_file: str | None, seed: int) -> dict[str, 
 
 
 def _parsable(text: str) -> bool:
-    answers = _ANSWER_RE.findall(text)
-    if not answers:
+    answer = last_answer_tag(text)
+    if answer is None:
         return False
     try:
-        parse_expression(answers[-1])
+        parse_expression(answer)
     except UnsafeExpression:
         return False
     return True
@@ -225,8 +224,7 @@ def _parsable(text: str) -> bool:
 
 def accuracy(scores: Scores) -> dict[str, float]:
     """Accuracy (answer part == 1) and the share of completions without a parsable final answer."""
-    answers = scores.parts.get("answer", [])
-    out = {"accuracy": sum(a >= 1.0 for a in answers) / len(answers)} if answers else {}
+    out = answer_accuracy(scores)
     if scores.completions:
         out["unparsable_fraction"] = sum(not _parsable(c) for c in scores.completions) / len(
             scores.completions

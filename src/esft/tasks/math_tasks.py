@@ -19,7 +19,7 @@ from importlib.resources import files
 from typing import Any
 
 from esft.errors import DataError
-from esft.tasks.base import RewardPart, Scores, Task, completion_text
+from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
 from esft.tasks.data_files import file_split, read_rows
 from esft.tasks.extract import last_boxed, last_number, normalize_number
 
@@ -82,11 +82,6 @@ def gsm8k_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [grade_gsm8k(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)]
 
 
-def accuracy(scores: Scores) -> dict[str, float]:
-    values = scores.parts.get("answer", [])
-    return {"accuracy": sum(v >= 1.0 for v in values) / len(values)} if values else {}
-
-
 def _make(name: str, sample: str, reward, data_file, test_file, seed) -> Task:
     def read(path: str) -> list[dict[str, Any]]:
         rows = read_rows(path)
@@ -113,7 +108,7 @@ def _make(name: str, sample: str, reward, data_file, test_file, seed) -> Task:
         loader=loader,
         rewards=[RewardPart("answer", reward, 1.0)],
         description=f"{name}: 1/0 reward on the final answer",
-        metrics=accuracy,
+        metrics=answer_accuracy,
         max_new_tokens=1024,
         options={"data_file": data_file, "test_file": test_file, "seed": seed},
     )

@@ -14,18 +14,14 @@ import functools
 from typing import Any
 
 from esft.errors import ConfigError
-from esft.tasks.base import RewardPart, Scores, Task, completion_text
+from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
+from esft.tasks.countdown import PREFILL, SYSTEM  # the same think/answer prompt style
 from esft.tasks.extract import format_score, last_answer_tag
 
-SYSTEM = (
-    "You are a helpful assistant. You first think about the reasoning process in the mind "
-    "and then provide the user with the answer."
-)
 INSTRUCTION = (
     "\n\nShow your work in <think> </think> tags. And return only the final answer in "
     "<answer> </answer> tags."
 )
-PREFILL = "Let me solve this step by step.\n<think>"
 
 
 @functools.cache
@@ -47,11 +43,6 @@ def rg_answer_reward(prompts, completions, rg_dataset, rg_entry, **kwargs) -> li
 def rg_format_reward(prompts, completions, **kwargs) -> list[float]:
     """<think>...</think>\\n<answer>...</answer> format score (TRL signature)."""
     return [format_score(completion_text(c)) for c in completions]
-
-
-def accuracy(scores: Scores) -> dict[str, float]:
-    values = scores.parts.get("answer", [])
-    return {"accuracy": sum(v >= 1.0 for v in values) / len(values)} if values else {}
 
 
 def _generate(dataset: str, seed: int, train_size: int, test_size: int, config: dict) -> dict[str, list]:
@@ -101,7 +92,7 @@ def _task(name: str, dataset: str, seed: int, train_size: int, test_size: int, c
         loader=loader,
         rewards=[RewardPart("answer", rg_answer_reward, 1.0), RewardPart("format", rg_format_reward, 0.1)],
         description=f"reasoning-gym {dataset}: reward = score_answer + 0.1 x format",
-        metrics=accuracy,
+        metrics=answer_accuracy,
         max_new_tokens=1024,
         options={"seed": seed, "train_size": train_size, "test_size": test_size, "config": config},
     )
