@@ -188,12 +188,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = load_task(task_name, reward=reward, **task_options)
     dtype, device = args.dtype or dtype, args.device or device
     engine = build_engine(engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size)
+    if args.samples < 1:
+        raise ConfigError("--samples must be >= 1")
     sampling = None
     if args.samples > 1 or args.temperature > 0:
         if args.temperature <= 0:
             raise ConfigError("--samples K > 1 needs sampling: also pass --temperature T (e.g. 0.7)")
-        if args.samples < 1:
-            raise ConfigError("--samples must be >= 1")
         from esft.engines import Sampling
 
         sampling = Sampling(args.samples, args.temperature, args.top_p, args.seed)
