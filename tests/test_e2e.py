@@ -75,7 +75,7 @@ def test_checkpoint_loads_in_transformers(straight_run):
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("Solve: 3 + 5 =", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == ids["input_ids"].shape[1] + 3 or out.shape[1] <= ids["input_ids"].shape[1] + 3
+    assert ids["input_ids"].shape[1] < out.shape[1] <= ids["input_ids"].shape[1] + 3  # generated 1-3 tokens
     assert set(model.state_dict()) >= set(weights(ckpt))
 
 
