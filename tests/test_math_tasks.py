@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from esft.errors import DataError
 from esft.tasks import load_task
 from esft.tasks.extract import last_boxed, last_number
 from esft.tasks.math_tasks import grade_gsm8k, grade_math
@@ -94,3 +95,51 @@ def test_math_user_file_needs_problem_and_answer(tmp_path):
     f.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
     with pytest.raises(DataError, match="row 2"):
         load_task("math", data_file=str(f)).split("train")
+
+
+def test_hub_dataset_rows_are_mapped(monkeypatch):
+    """dataset=<name>: rows come from read_hub with the right splits; MATH solutions give the answer."""
+    import esft.tasks.math_tasks as mt
+
+    calls = []
+
+    def fake_read_hub(name, split, config=None):
+        calls.append((name, split, config))
+        return [
+            {"problem": "1+1?", "solution": "It is \\boxed{2}."},
+            {"question": "2+2?", "answer": "#### 4"},
+        ]
+
+    monkeypatch.setattr(mt, "read_hub", fake_read_hub)
+    task = load_task("math", dataset="org/math", dataset_config="cfg", test_split="validation")
+    test = task.test
+    assert calls == [("org/math", "validation", "cfg")]
+    assert [r["answer"] for r in test] == ["2", "#### 4"]
+    assert test[0]["prompt"][1]["content"] == "1+1?"
+    assert task.train and calls[-1] == ("org/math", "train", "cfg")
+
+
+def test_hub_dataset_without_answers_is_a_data_error(monkeypatch):
+    import esft.tasks.math_tasks as mt
+
+    monkeypatch.setattr(
+        mt, "read_hub", lambda name, split, config=None: [{"problem": "x", "solution": "no box"}]
+    )
+    with pytest.raises(DataError, match="row 1 needs"):
+        load_task("math", dataset="org/math").split("train")
+
+
+def test_hub_dataset_and_file_together_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="not both"):
+        load_task("gsm8k", dataset="openai/gsm8k", data_file=str(tmp_path / "x.jsonl"))
+
+
+def test_unreachable_hub_gives_one_line_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="cannot load the Hugging Face dataset 'openai/gsm8k'") as e:
+        load_task("gsm8k", dataset="openai/gsm8k", dataset_config="main").split("train")
+    assert "\n" not in str(e.value)

@@ -83,3 +83,32 @@ def file_split(
     random.Random(seed).shuffle(order)
     test = set(order[: max(1, len(rows) // 10)]) if len(rows) > 1 else set()
     return [r for i, r in enumerate(rows) if (i in test) == (split == "test")]
+
+
+def read_hub(name: str, split: str, config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of split ``split`` of the Hugging Face dataset ``name`` (needs ``datasets`` and a hub).
+
+    Every failure (package missing, hub unreachable, unknown dataset or split) is one ``DataError`` line.
+    """
+    try:
+        import datasets
+        from datasets.utils.logging import disable_progress_bar, set_verbosity_error
+    except ImportError:
+        raise DataError(
+            f"loading the Hugging Face dataset {name!r} needs the datasets package: "
+            "pip install 'esft[hub]' (or pass a local data_file)"
+        ) from None
+    set_verbosity_error()
+    disable_progress_bar()
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except ValueError as e:  # unknown split or config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"Hugging Face dataset {name!r}: {first}") from None
+    except Exception as e:  # ConnectionError, DatasetNotFoundError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"cannot load the Hugging Face dataset {name!r} (split {split!r}): {first}; "
+            "check the name and network access, or download it and pass data_file=<path>"
+        ) from None
+    return [dict(r) for r in ds]

@@ -8,9 +8,14 @@ math: system prompt "Please reason step by step, and put your final answer withi
 gsm8k: the reference is the number after ``####``; the model's answer is its last ``\\boxed{}`` or, failing
 that, its last number; both are compared as numbers.
 
-Data: a user file (JSON/JSONL/Parquet with ``problem``/``answer`` or ``question``/``answer`` columns;
-an optional ``split`` column, else a fixed 90/10 split) or the small built-in sample written for this
-project (tests and smoke runs, not a benchmark).
+Data, in order of precedence:
+- a Hugging Face dataset (``dataset=openai/gsm8k dataset_config=main``; needs the ``datasets`` package and
+  a reachable hub), its ``train_split`` / ``test_split`` (default train / test);
+- a user file (JSON/JSONL/Parquet with ``problem``/``answer`` or ``question``/``answer`` columns; an
+  optional ``split`` column, else a fixed 90/10 split);
+- the small built-in sample written for this project (tests and smoke runs, not a benchmark).
+Rows without an ``answer`` column but with a ``solution`` (the MATH dataset) take the solution's last
+``\\boxed{}`` as the answer.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from esft.errors import DataError
 from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
-from esft.tasks.data_files import file_split, read_rows
+from esft.tasks.data_files import file_split, read_hub, read_rows
 from esft.tasks.extract import last_boxed, last_number, normalize_number
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -82,16 +87,41 @@ def gsm8k_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [grade_gsm8k(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)]
 
 
-def _make(name: str, sample: str, reward, data_file, test_file, seed) -> Task:
-    def read(path: str) -> list[dict[str, Any]]:
-        rows = read_rows(path)
+def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
+    """MATH-style rows carry the answer inside ``solution``; take its last boxed expression."""
+    if "answer" not in row and isinstance(row.get("solution"), str):
+        boxed = last_boxed(row["solution"])
+        if boxed is not None:
+            return {**row, "answer": boxed}
+    return row
+
+
+def _make(
+    name: str,
+    sample: str,
+    reward,
+    data_file: str | None,
+    test_file: str | None,
+    seed: int,
+    hub: dict[str, Any],
+) -> Task:
+    def check(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+        rows = [_with_answer(r) for r in rows]
         for i, r in enumerate(rows, start=1):
             if "answer" not in r or not ("problem" in r or "question" in r):
-                raise DataError(f"{path}: row {i} needs 'problem' (or 'question') and 'answer'")
+                raise DataError(
+                    f"{where}: row {i} needs 'problem' (or 'question') and 'answer' (or a boxed 'solution')"
+                )
         return rows
 
     def loader(split: str) -> list[dict[str, Any]]:
-        rows = file_split(split, data_file or str(DATA / sample), test_file, seed, read)
+        if hub["dataset"]:
+            split_name = hub["train_split"] if split == "train" else hub["test_split"]
+            rows = check(read_hub(hub["dataset"], split_name, hub["dataset_config"]), hub["dataset"])
+        else:
+            rows = file_split(
+                split, data_file or str(DATA / sample), test_file, seed, lambda p: check(read_rows(p), p)
+            )
         return [
             {
                 "prompt": [
@@ -103,6 +133,8 @@ def _make(name: str, sample: str, reward, data_file, test_file, seed) -> Task:
             for r in rows
         ]
 
+    if hub["dataset"] and (data_file or test_file):
+        raise DataError(f"{name}: pass either dataset=<hub name> or data_file=<path>, not both")
     return Task(
         name=name,
         loader=loader,
@@ -110,15 +142,44 @@ def _make(name: str, sample: str, reward, data_file, test_file, seed) -> Task:
         description=f"{name}: 1/0 reward on the final answer",
         metrics=answer_accuracy,
         max_new_tokens=1024,
-        options={"data_file": data_file, "test_file": test_file, "seed": seed},
+        options={"data_file": data_file, "test_file": test_file, "seed": seed, **hub},
     )
 
 
-def load_math(data_file: str | None = None, test_file: str | None = None, seed: int = 42) -> Task:
-    """Math with boxed answers graded by math-verify. Options: ``data_file``, ``test_file``, ``seed``."""
-    return _make("math", "math_sample.jsonl", math_reward, data_file, test_file, seed)
+def _hub(dataset, dataset_config, train_split, test_split) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "dataset_config": dataset_config,
+        "train_split": train_split,
+        "test_split": test_split,
+    }
 
 
-def load_gsm8k(data_file: str | None = None, test_file: str | None = None, seed: int = 42) -> Task:
-    """GSM8K-style word problems (answers after ####). Options: ``data_file``, ``test_file``, ``seed``."""
-    return _make("gsm8k", "gsm8k_sample.jsonl", gsm8k_reward, data_file, test_file, seed)
+def load_math(
+    data_file: str | None = None,
+    test_file: str | None = None,
+    seed: int = 42,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+) -> Task:
+    """Math with boxed answers graded by math-verify. Options: ``data_file``, ``test_file``, ``seed``,
+    or ``dataset`` (a Hugging Face name) with ``dataset_config``, ``train_split``, ``test_split``."""
+    hub = _hub(dataset, dataset_config, train_split, test_split)
+    return _make("math", "math_sample.jsonl", math_reward, data_file, test_file, seed, hub)
+
+
+def load_gsm8k(
+    data_file: str | None = None,
+    test_file: str | None = None,
+    seed: int = 42,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+) -> Task:
+    """GSM8K-style word problems (answers after ####). Options as for ``math``; the hub dataset is
+    e.g. ``dataset=openai/gsm8k dataset_config=main``."""
+    hub = _hub(dataset, dataset_config, train_split, test_split)
+    return _make("gsm8k", "gsm8k_sample.jsonl", gsm8k_reward, data_file, test_file, seed, hub)
