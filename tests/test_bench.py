@@ -10,8 +10,15 @@ from esft.tasks import load_task
 def test_bench_measures_floor_and_each_scheme_without_changing_weights(tiny_model):
     engine = HFEngine(tiny_model)
     before = {k: v.clone() for k, v in engine.parameters().items()}
-    rows = run_bench(engine, load_task("conciseness"), 3, 2, 4, ["independent", "table"])
-    assert [r.mode for r in rows] == ["floor (batched)", "ES, independent noise", "ES, table noise"]
+    modes = ["reference", "independent", "table", "lowrank"]
+    rows = run_bench(engine, load_task("conciseness"), 3, 2, 4, modes, rank=2)
+    assert [r.mode for r in rows] == [
+        "floor (batched)",
+        "reference (paper code)",
+        "ES, independent noise",
+        "ES, table noise",
+        "ES, lowrank r=2",
+    ]
     floor = rows[0]
     assert floor.noise == 0 and floor.update == 0 and floor.tokens > 0
     for r in rows[1:]:
@@ -19,7 +26,7 @@ def test_bench_measures_floor_and_each_scheme_without_changing_weights(tiny_mode
         assert r.seconds >= r.generate + r.noise
     assert all(torch.equal(before[k], v) for k, v in engine.parameters().items())
     table = format_table(rows, {"N": 3})
-    assert "x floor" in table and table.count("\n") == 4
+    assert "x floor" in table and table.count("\n") == 6
 
 
 def test_bench_cli(tiny_model, capsys):
@@ -33,12 +40,13 @@ def test_bench_cli(tiny_model, capsys):
                 "2",
                 "--max-new-tokens",
                 "3",
-                "--noise",
+                "--modes",
                 "table",
+                "lowrank",
             ]
         )
         == 0
     )
     out = capsys.readouterr().out
-    assert "floor (batched)" in out and "ES, table noise" in out
+    assert "floor (batched)" in out and "ES, table noise" in out and "lowrank r=1" in out
     assert load_file(str(tiny_model / "model.safetensors"))  # the model folder is untouched

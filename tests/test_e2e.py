@@ -201,6 +201,22 @@ def test_table_noise_run_replays_bit_identically(tiny_model, tmp_path, capsys):
     assert "bit-identical" in capsys.readouterr().out
 
 
+def test_lowrank_run_trains_matrices_replays_and_resumes(tiny_model, tmp_path, capsys):
+    out = tmp_path / "lowrank"
+    assert train(tiny_model, out, 2, "--noise", "lowrank", "--rank", "2") == 0
+    base, final = weights(tiny_model), weights(out / "checkpoints" / "iter-000002")
+    for k in base:  # matrices and biases move; normalisation scales are not trained by this scheme
+        moved = not torch.equal(base[k], final[k])
+        assert moved == (base[k].ndim == 2 or k.endswith(".bias")), k
+    assert main(["replay", "--run", str(out), "--iteration", "2", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    resumed = tmp_path / "resumed"
+    assert train(tiny_model, resumed, 1, "--noise", "lowrank", "--rank", "2") == 0
+    assert train(tiny_model, resumed, 2, "--noise", "lowrank", "--rank", "2", "--resume") == 0
+    again = weights(resumed / "checkpoints" / "iter-000002")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
 @pytest.mark.parametrize(
     "task,options",
     [

@@ -3,8 +3,12 @@
 For a model, task, population N, P prompts per member and L new tokens, it measures in one process,
 on one engine:
   (a) the floor: one plain batched generation of the same N x P prompts with the unperturbed model;
-  (b) one full ES iteration per noise scheme: N x (perturb, generate P prompts, restore, score) and
-      the update, split into generate / score / noise / update;
+  (b) one full ES iteration per mode, split into generate / score / noise / update:
+      - ``reference``: the reference implementation's behaviour (one perturbed model at a time, noise
+        regenerated for perturb, restore and update, correlated seeding, restore by subtraction);
+      - ``independent`` / ``table`` / ``correlated``: esft's member-by-member iteration with that noise
+        (exact restore by copying a pristine tensor);
+      - ``lowrank``: all members in one population-batched generation (EGGROLL, rank ``rank``);
 and prints a table of seconds, tokens/s and the ratio of each to the floor (DESIGN.md section 4).
 """
 
@@ -14,10 +18,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from esft.config import BENCH_MODES
 from esft.engines import Engine
 from esft.es import ParamSet, iteration_members, shape
+from esft.es.lowrank import lowrank_trainable
 from esft.tasks import Task
 from esft.trainer import score_population, trainable
+
+
+def mode_params(engine: Engine, mode: str, freeze: list[str], rank: int = 1) -> tuple[str, ParamSet]:
+    """(row label, ParamSet) that makes one ES iteration behave as ``mode``."""
+    live = trainable(engine.parameters(), freeze)
+    if mode == "reference":
+        return "reference (paper code)", ParamSet(live, scheme="correlated", restore="subtract")
+    if mode == "lowrank":
+        return f"ES, lowrank r={rank}", ParamSet(lowrank_trainable(live), scheme="lowrank", rank=rank)
+    if mode not in BENCH_MODES:
+        raise ValueError(f"unknown bench mode {mode!r}; use {', '.join(BENCH_MODES)}")
+    return f"ES, {mode} noise", ParamSet(live, scheme=mode)
 
 
 @dataclass
@@ -40,9 +58,10 @@ def run_bench(
     population: int,
     prompts_per_member: int,
     max_new_tokens: int,
-    schemes: list[str],
+    modes: list[str],
     sigma: float = 1e-3,
     freeze: list[str] | None = None,
+    rank: int = 1,
     log=print,
 ) -> list[BenchRow]:
     rows = task.train[:prompts_per_member]
@@ -69,14 +88,15 @@ def run_bench(
         )
     ]
 
-    live = trainable(engine.parameters(), freeze or [])
     members = iteration_members(0, 1, population)
-    for scheme in schemes:
-        params = ParamSet(live, scheme=scheme)
-        if scheme == "table":
+    for mode in modes:
+        label, params = mode_params(engine, mode, freeze or [], rank)
+        if mode == "table":
             from esft.es.noise import noise_table
 
-            noise_table(next(iter(live.values())).device)  # built once per process, not per iteration
+            noise_table(next(iter(params.params.values())).device)  # once per process, not per iteration
+        # restore="subtract" is inexact by design; keep later modes on the original weights (untimed)
+        snapshot = {n: t.clone() for n, t in params.params.items()} if mode == "reference" else None
         tic = time.perf_counter()
         pop = score_population(engine, params, task, members, rows, sigma, max_new_tokens)
         weights = shape([s["reward"] for s in pop.summaries])
@@ -85,9 +105,13 @@ def run_bench(
             members, weights, 0.0
         )  # the full cost; a zero step leaves the weights exactly as they were
         end = time.perf_counter()
+        if snapshot is not None:
+            for n, t in params.params.items():
+                t.copy_(snapshot[n])
+        del params, snapshot  # free the copies before the next mode
         results.append(
             BenchRow(
-                f"ES, {scheme} noise",
+                label,
                 end - tic,
                 pop.timer["generate"],
                 pop.timer["score"],
@@ -104,12 +128,12 @@ def format_table(results: list[BenchRow], info: dict[str, Any]) -> str:
     head = " | ".join(f"{k}={v}" for k, v in info.items())
     lines = [
         head,
-        f"{'mode':<22} {'total s':>8} {'generate':>9} {'score':>7} {'noise':>7} {'update':>7} {'tok/s':>7} {'x floor':>8}",
+        f"{'mode':<24} {'total s':>8} {'generate':>9} {'score':>7} {'noise':>7} {'update':>7} {'tok/s':>7} {'x floor':>8}",
     ]
     for r in results:
         tps = r.tokens / r.generate if r.generate > 0 else 0.0
         lines.append(
-            f"{r.mode:<22} {r.seconds:>8.2f} {r.generate:>9.2f} {r.score:>7.2f} {r.noise:>7.2f} {r.update:>7.2f} "
+            f"{r.mode:<24} {r.seconds:>8.2f} {r.generate:>9.2f} {r.score:>7.2f} {r.noise:>7.2f} {r.update:>7.2f} "
             f"{tps:>7.1f} {r.ratio(floor):>8.2f}"
         )
     return "\n".join(lines)

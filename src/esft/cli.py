@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from esft.config import ESConfig, read_config_file
+from esft.config import BENCH_MODES, ESConfig, read_config_file
 from esft.errors import ConfigError, EsftError
 
 QUICKSTART = files("esft") / "configs" / "quickstart.yaml"
@@ -252,8 +252,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from esft.models import resolve_model
     from esft.tasks import load_task
 
-    if args.population < 2 or args.prompts_per_member < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--population must be >= 2, --prompts-per-member and --max-new-tokens >= 1")
+    if args.population < 2 or args.prompts_per_member < 1 or args.max_new_tokens < 1 or args.rank < 1:
+        raise ConfigError("--population must be >= 2, --prompts-per-member, --max-new-tokens and --rank >= 1")
     task = load_task(args.task, **_parse_task_options(args.task_option))
     engine = build_engine(
         "hf", resolve_model(args.model), dtype=args.dtype, device=args.device, batch_size=args.batch_size
@@ -264,9 +264,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.population,
         args.prompts_per_member,
         args.max_new_tokens,
-        args.noise,
+        args.modes,
         args.sigma,
         args.freeze,
+        args.rank,
     )
     info = {
         "model": args.model or "embedded",
@@ -324,8 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-member", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument(
-        "--noise", nargs="+", default=["independent", "table"], choices=["independent", "table", "correlated"]
+        "--modes",
+        nargs="+",
+        default=["reference", "table", "lowrank"],
+        choices=list(BENCH_MODES),
+        help="ES modes to time against the floor (default: reference table lowrank)",
     )
+    p.add_argument("--rank", type=int, default=1, help="rank of the lowrank mode")
     p.add_argument("--sigma", type=float, default=1e-3)
     p.add_argument("--freeze", action="append", metavar="PATTERN", help="parameter-name pattern kept fixed")
     p.add_argument("--dtype", default="auto")

@@ -18,6 +18,10 @@ import yaml
 
 from esft.errors import ConfigError
 
+NOISES = ("independent", "table", "lowrank", "correlated")
+# esft bench: the reference implementation's behaviour, then each of esft's noise schemes
+BENCH_MODES = ("reference", *NOISES)
+
 
 @dataclass
 class ESConfig:
@@ -49,7 +53,10 @@ class ESConfig:
     """Fitness shaping: zscore (paper) or centered_rank."""
     noise: str = "independent"
     """independent (a Gaussian stream per seed and parameter), table (slices of a shared Gaussian
-    table: same statistics, ~10x cheaper noise on CPU) or correlated (the reference code's scheme)."""
+    table: same statistics, ~10x cheaper noise on CPU), lowrank (rank-r factors per matrix, all members
+    in one batched forward; EGGROLL) or correlated (the reference code's scheme)."""
+    rank: int = 1
+    """Rank r of each member's perturbation of a matrix with noise=lowrank."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch, e.g. '*embed_tokens*') kept fixed."""
     engine: str = "hf"
@@ -119,8 +126,12 @@ class ESConfig:
             f"unknown shaping {self.shaping!r}; use one of {', '.join(sorted(SHAPERS))}",
         )
         need(
-            self.noise in ("independent", "table", "correlated"),
-            f"unknown noise {self.noise!r}; use independent, table or correlated",
+            self.noise in NOISES,
+            f"unknown noise {self.noise!r}; use {', '.join(NOISES)}",
+        )
+        need(
+            isinstance(self.rank, int) and self.rank >= 1,
+            f"rank must be an integer >= 1, got {self.rank!r}",
         )
         need(self.engine == "hf", f"unknown engine {self.engine!r}; available: hf")
         need(

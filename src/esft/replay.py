@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
-from esft.es import ParamSet
 from esft.models import resolve_model
 from esft.runstore import RunStore
-from esft.trainer import apply_seedlog, trainable
+from esft.trainer import apply_seedlog, es_params
 
 
 def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[Engine, ESConfig]:
@@ -37,7 +36,7 @@ def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[
     engine = build_engine(
         config.engine, model_path, dtype=config.dtype, device=config.device, batch_size=config.batch_size
     )
-    params = ParamSet(trainable(engine.parameters(), config.freeze), scheme=config.noise)
+    params = es_params(engine, config.freeze, config.noise, config.rank)
     for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):
         apply_seedlog(params, [entry])
     return engine, config

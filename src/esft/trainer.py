@@ -23,9 +23,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from esft.config import ESConfig
-from esft.engines import Engine, build_engine
+from esft.engines import Engine, Generation, build_engine
 from esft.errors import ConfigError
-from esft.es import Member, ParamSet, UpdateStats, iteration_members, shape
+from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_members, shape
+from esft.es.lowrank import lowrank_trainable
 from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
 from esft.runstore import RunStore
@@ -46,6 +47,16 @@ RESUMABLE = {
 def trainable(params: dict[str, Any], freeze: list[str]) -> dict[str, Any]:
     """Parameters whose names match none of the ``freeze`` patterns."""
     return {n: t for n, t in params.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)}
+
+
+def es_params(engine: Engine, freeze: list[str], noise: str = "independent", rank: int = 1) -> ParamSet:
+    """The ParamSet ES trains: the engine's parameters minus ``freeze`` (minus norm scales for lowrank)."""
+    params = trainable(engine.parameters(), freeze)
+    if noise == NoiseScheme.LOWRANK:
+        params = lowrank_trainable(params)
+    if not params:
+        raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
+    return ParamSet(params, scheme=noise, rank=rank)
 
 
 def prompt_batch(n_rows: int, size: int | None, run_seed: int, iteration: int) -> list[int]:
@@ -88,9 +99,18 @@ def score_population(
     desc: str = "members",
     progress: bool = False,
 ) -> Population:
-    """Perturb -> generate -> restore -> score, member by member, timing each part."""
+    """Perturb -> generate -> restore -> score, member by member, timing each part.
+
+    With low-rank noise and an engine that batches populations, all members generate together through
+    the unperturbed weights (no perturb or restore) and are then scored one by one.
+    """
     prompts = [r["prompt"] for r in rows]
     pop = Population()
+    if params.scheme == NoiseScheme.LOWRANK and hasattr(engine, "generate_population"):
+        groups = engine.generate_population(prompts, members, params, sigma, max_new_tokens, pop.timer)
+        for gens in groups:
+            _score_member(pop, task, rows, gens)
+        return pop
     for member in tqdm(members, desc=desc, unit="member", leave=False, disable=not progress):
         tic = time.perf_counter()
         params.perturb(member, sigma)
@@ -103,15 +123,19 @@ def score_population(
             tic = time.perf_counter()
             params.restore()
             pop.timer["noise"] += time.perf_counter() - tic
-        tic = time.perf_counter()
-        scores = task.score(rows, [g.text for g in gens])
-        pop.summaries.append(task.summary(scores))
-        pop.timer["score"] += time.perf_counter() - tic
-        pop.completions += len(gens)
-        pop.tokens += sum(g.num_tokens for g in gens)
-        pop.truncated += sum(g.truncated for g in gens)
-        pop.failures += scores.failures
+        _score_member(pop, task, rows, gens)
     return pop
+
+
+def _score_member(pop: Population, task: Task, rows: list[dict[str, Any]], gens: list[Generation]) -> None:
+    tic = time.perf_counter()
+    scores = task.score(rows, [g.text for g in gens])
+    pop.summaries.append(task.summary(scores))
+    pop.timer["score"] += time.perf_counter() - tic
+    pop.completions += len(gens)
+    pop.tokens += sum(g.num_tokens for g in gens)
+    pop.truncated += sum(g.truncated for g in gens)
+    pop.failures += scores.failures
 
 
 def iteration_metrics(
@@ -229,7 +253,9 @@ class ESTrainer:
         train_rows = task.train
         self._log(
             f"esft: {task.name} | model {cfg.model or 'embedded default'} | {params.numel / 1e6:.1f}M trainable "
-            f"params | N={cfg.population} sigma={cfg.sigma:g} alpha={cfg.alpha:g} | run {store.root}"
+            f"params | N={cfg.population} sigma={cfg.sigma:g} alpha={cfg.alpha:g} | noise {cfg.noise}"
+            + (f" rank {cfg.rank}" if cfg.noise == "lowrank" else "")
+            + f" | run {store.root}"
         )
         if cfg.eval_every and start == 0:
             self._evaluate(engine, 0, tb)
@@ -312,7 +338,7 @@ class ESTrainer:
         ckpts = {i: p for i, p in store.checkpoints().items() if i <= done}
         base_iter = max(ckpts) if ckpts else 0
         engine = self._build_engine(str(ckpts[base_iter]) if base_iter else model_path)
-        params = ParamSet(trainable(engine.parameters(), cfg.freeze), scheme=cfg.noise)
+        params = es_params(engine, cfg.freeze, cfg.noise, cfg.rank)
         if self.resume:
             store.truncate_logs(done)
             if done > base_iter:

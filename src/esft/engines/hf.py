@@ -7,12 +7,16 @@ is the deterministic argmax completion.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from esft.engines.base import Generation, Prompt, Sampling
 from esft.errors import ConfigError, ModelError
+from esft.es.noise import Member
+from esft.es.params import ParamSet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {
@@ -116,6 +120,42 @@ class HFEngine:
         per_call = self.batch_size if sampling is None else max(1, self.batch_size // sampling.samples)
         for start in range(0, len(texts), per_call):
             out.extend(self._generate_batch(texts[start : start + per_call], max_new_tokens, raw, sampling))
+        return out
+
+    @torch.inference_mode()
+    def generate_population(
+        self,
+        prompts: list[Prompt],
+        members: Sequence[Member],
+        params: ParamSet,
+        sigma: float,
+        max_new_tokens: int,
+        timer: dict[str, float] | None = None,
+    ) -> list[list[Generation]]:
+        """Greedy completions of ``prompts`` under each member's low-rank perturbation, one list per
+        member, from batched forwards through the unperturbed weights (``population.py``).
+
+        Members are batched ``batch_size // len(prompts)`` at a time (at least one). ``timer["noise"]``
+        accumulates the time spent drawing factors, ``timer["generate"]`` the rest.
+        """
+        from esft.engines.population import PopulationHooks
+
+        texts = [self.render(p) for p in prompts]
+        raw = all(isinstance(p, str) for p in prompts)
+        per_call = max(1, self.batch_size // max(len(texts), 1))
+        timer = timer if timer is not None else {}
+        out: list[list[Generation]] = []
+        with PopulationHooks(self.model, params) as hooks:
+            for start in range(0, len(members), per_call):
+                chunk = members[start : start + per_call]
+                tic = time.perf_counter()
+                hooks.prepare(chunk, sigma, self.dtype)
+                mid = time.perf_counter()
+                gens = self._generate_batch(texts * len(chunk), max_new_tokens, raw, None)  # member-major
+                end = time.perf_counter()
+                timer["noise"] = timer.get("noise", 0.0) + mid - tic
+                timer["generate"] = timer.get("generate", 0.0) + end - mid
+                out.extend(gens[i * len(texts) : (i + 1) * len(texts)] for i in range(len(chunk)))
         return out
 
     def _generate_batch(

@@ -15,6 +15,8 @@ Schemes:
   from (seed, parameter name, chunk index), so it is still a pure function of (seed, name) and equal-
   shaped tensors still get different noise, but producing it is a memory copy instead of a Gaussian
   draw: about 10x cheaper on CPU, where drawing normals dominates ES's non-generation time.
+- ``lowrank``: each matrix's noise is A B^T / sqrt(r) from rank-r Gaussian factors (EGGROLL), which a
+  population-batched forward applies without touching the weights; see ``lowrank.py``.
 
 Noise is drawn in float32 on the parameter's device. CPU and CUDA generators differ, so a run is
 reproducible on the same device type, not across them.
@@ -38,6 +40,7 @@ class NoiseScheme(StrEnum):
     INDEPENDENT = "independent"
     CORRELATED = "correlated"
     TABLE = "table"
+    LOWRANK = "lowrank"  # rank-r factors per matrix (EGGROLL); see lowrank.py
 
 
 TABLE_SIZE = 2**26  # 64M float32 values = 256 MiB per device

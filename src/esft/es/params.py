@@ -5,6 +5,10 @@ this module keeps a *pristine* copy of every trainable tensor. A perturbation wr
 ``cast(pristine + sigma*eps)`` into the live tensor and restore copies the pristine tensor back: bit-exact
 in every dtype, and it costs a memcpy instead of a second noise draw.
 
+``restore="subtract"`` reproduces the reference implementation instead (no pristine copy; restore
+regenerates the noise and subtracts it, which is not exact). It exists so ``esft bench`` can time the
+reference behaviour on the same work; training always uses the exact copy.
+
 The update ``theta += alpha/N * sum_n z_n sign_n eps_n`` is accumulated per tensor in float32 over the
 members and cast to the tensor's dtype once, so a small step is not lost to 30 separate bf16 roundings.
 """
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from esft.es.lowrank import factors, vector_noise
 from esft.es.noise import Member, NoiseScheme, noise_slices
 
 
@@ -43,20 +48,36 @@ class ParamSet:
         self,
         params: Mapping[str, torch.Tensor],
         scheme: NoiseScheme | str = NoiseScheme.INDEPENDENT,
+        rank: int = 1,
+        restore: str = "copy",
     ) -> None:
         if not params:
             raise ValueError("no trainable parameters: every parameter is frozen")
         self.params = dict(params)
+        self.scheme = NoiseScheme(scheme)
+        self.rank = int(rank)
         for name, t in self.params.items():
             if not t.is_contiguous():
                 raise ValueError(
                     f"parameter {name} is not contiguous; ES updates it in place through a flat view"
                 )
-        self.scheme = NoiseScheme(scheme)
+            if self.scheme == NoiseScheme.LOWRANK and not (t.ndim == 2 or t.ndim == 1):
+                raise ValueError(
+                    f"low-rank noise needs matrices and vectors; {name} has shape {tuple(t.shape)}"
+                )
+        if self.rank < 1:
+            raise ValueError("rank must be at least 1")
+        if restore not in ("copy", "subtract"):
+            raise ValueError(f"restore must be copy or subtract, got {restore!r}")
+        self.restore_mode = restore
         with torch.no_grad():
-            self.pristine = {name: t.detach().clone() for name, t in self.params.items()}
+            if restore == "copy":
+                self.pristine = {name: t.detach().clone() for name, t in self.params.items()}
+            else:  # the live tensors are their own base; restore subtracts the regenerated noise
+                self.pristine = self.params
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self.perturbed = False
+        self.perturbed: Member | None = None
+        self._sigma = 0.0
 
     @property
     def numel(self) -> int:
@@ -66,19 +87,33 @@ class ParamSet:
         """(start, values) slices of the flattened float32 noise of ``name`` under ``member``."""
         t = self.params[name]
         buf = None
+        if self.scheme == NoiseScheme.LOWRANK:
+            return [(0, self._lowrank_eps(name, member.seed).view(-1))]
         if self.scheme != NoiseScheme.TABLE:  # generated noise is drawn into a reused buffer
-            key = (tuple(t.shape), t.device)
-            buf = self._buffers.get(key)
-            if buf is None:
-                buf = self._buffers[key] = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+            buf = self._buffer(t)
         return noise_slices(t.shape, member.seed, name, t.device, self.scheme, buf)
+
+    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
+        key = (tuple(t.shape), t.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+        return buf
+
+    def _lowrank_eps(self, name: str, seed: int) -> torch.Tensor:
+        """The materialised low-rank noise A B^T / sqrt(r) of a matrix (full noise for a vector)."""
+        t = self.params[name]
+        if t.ndim == 1:
+            return vector_noise(t.numel(), seed, name, t.device, out=self._buffer(t))
+        a, b = factors(t.shape, seed, name, self.rank, t.device)
+        return torch.mm(a, b.T, out=self._buffer(t))
 
     @torch.no_grad()
     def perturb(self, member: Member, sigma: float) -> None:
         """Set every live tensor to cast(pristine + sign * sigma * eps), layer by layer."""
-        if self.perturbed:
+        if self.perturbed is not None:
             raise RuntimeError("perturb() called twice without restore()")
-        self.perturbed = True
+        self.perturbed, self._sigma = member, sigma
         for name, live in self.params.items():
             flat_live, flat_base = live.view(-1), self.pristine[name].view(-1)
             for start, eps in self._eps(name, member):
@@ -88,10 +123,17 @@ class ParamSet:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the pristine tensors back: bit-exact."""
+        """Copy the pristine tensors back: bit-exact (or, with restore="subtract", subtract the noise)."""
+        member = self.perturbed
         for name, live in self.params.items():
-            live.copy_(self.pristine[name])
-        self.perturbed = False
+            if self.restore_mode == "copy":
+                live.copy_(self.pristine[name])
+            elif member is not None:
+                flat = live.view(-1)
+                for start, eps in self._eps(name, member):
+                    end = start + eps.numel()
+                    torch.add(flat[start:end], eps, alpha=-self._sigma * member.sign, out=flat[start:end])
+        self.perturbed = None
 
     @torch.no_grad()
     def update(
@@ -105,7 +147,7 @@ class ParamSet:
 
         ``weights`` are the shaped rewards (z-scores). Members with weight 0 cost nothing.
         """
-        if self.perturbed:
+        if self.perturbed is not None:
             raise RuntimeError("update() while perturbed: call restore() first")
         if len(members) != len(weights):
             raise ValueError("one weight per member")
@@ -119,11 +161,20 @@ class ParamSet:
             total += old.numel()
             if not active:
                 continue
-            acc = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
-            flat_acc = acc.view(-1)
-            for member, w in active:
-                for start, eps in self._eps(name, member):
-                    flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
+            if self.scheme == NoiseScheme.LOWRANK and old.ndim == 2:
+                # sum_n w_n A_n B_n^T as one product of the concatenated factors
+                pairs = [
+                    (factors(old.shape, m.seed, name, self.rank, old.device), w * m.sign) for m, w in active
+                ]
+                a = torch.cat([ab[0] * c for ab, c in pairs], dim=1)
+                b = torch.cat([ab[1] for ab, _ in pairs], dim=1)
+                acc = a @ b.T
+            else:
+                acc = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
+                flat_acc = acc.view(-1)
+                for member, w in active:
+                    for start, eps in self._eps(name, member):
+                        flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
             # new = cast(old + alpha/N * acc); the step is taken once, in float32.
             acc.mul_(alpha / n).add_(old)
             new = acc.to(old.dtype)

@@ -1,0 +1,107 @@
+"""Population-batched forward passes for low-rank ES (EGGROLL, Sarkar et al. 2025).
+
+A batch holds n members' copies of the same P prompts, member-major (rows m*P .. m*P+P-1 belong to
+member m). Forward hooks on the model's linear and embedding layers add each member's own rank-r
+perturbation to the layer output, so n perturbed models run as one batched forward through the
+*unperturbed* weights:
+
+    linear:    y_m = x_m W^T + b + sigma (x_m B_m) A_m^T + sigma eps_m     (eps_m: bias noise)
+    embedding: e_m = E[ids_m] + sigma A_m[ids_m] B_m^T
+
+with (A_m, B_m) the factors of ``esft.es.lowrank`` (the same ones ``ParamSet`` materialises for a
+member-by-member perturbation and sums in the update). A tied lm_head shares the embedding's factors.
+The weights are never written during generation, so there is nothing to restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from esft.errors import ConfigError
+from esft.es.lowrank import stacked_factors, stacked_vectors
+from esft.es.noise import Member, NoiseScheme
+from esft.es.params import ParamSet
+
+
+class PopulationHooks:
+    """Context manager: while active, ``model``'s forward applies ``prepare()``-d members' noise."""
+
+    def __init__(self, model: nn.Module, params: ParamSet) -> None:
+        if params.scheme != NoiseScheme.LOWRANK:
+            raise ValueError("population batching needs the lowrank noise scheme")
+        self.model, self.params = model, params
+        by_ptr = {t.data_ptr(): name for name, t in params.params.items()}
+        self.targets: list[tuple[nn.Module, str, str | None, str | None]] = []
+        covered: set[str] = set()
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                w = by_ptr.get(module.weight.data_ptr())
+                bias = getattr(module, "bias", None)
+                b = by_ptr.get(bias.data_ptr()) if bias is not None else None
+                if w or b:
+                    kind = "linear" if isinstance(module, nn.Linear) else "embedding"
+                    self.targets.append((module, kind, w, b))
+                    covered.update(x for x in (w, b) if x)
+        missing = sorted(set(params.params) - covered)
+        if missing:
+            raise ConfigError(
+                f"--noise lowrank batches linear and embedding layers only; {missing[0]} "
+                f"(and {len(missing) - 1} more) belong to other layers: freeze them or use another --noise"
+            )
+        self.n = 0
+        self.noise: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list = []
+
+    @torch.no_grad()
+    def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
+        """Draw the factors of ``members`` (sigma folded into A) for the next generate call."""
+        self.n = len(members)
+        self.noise = {}
+        for name, t in self.params.params.items():
+            if t.ndim == 2:
+                a, b = stacked_factors(t.shape, members, name, self.params.rank, t.device)
+                self.noise[name] = ((a * sigma).to(dtype), b.to(dtype))
+            else:
+                self.noise[name] = (stacked_vectors(t.numel(), members, name, t.device) * sigma).to(dtype)
+
+    def __enter__(self) -> PopulationHooks:
+        for module, kind, w, b in self.targets:
+            hook = self._linear_hook(w, b) if kind == "linear" else self._embedding_hook(w)
+            self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.noise = {}
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, ..., d) -> (n, B/n * ..., d): each member's rows side by side."""
+        if t.shape[0] % self.n:
+            raise RuntimeError(f"batch of {t.shape[0]} rows is not a whole number of {self.n} members")
+        return t.reshape(self.n, -1, t.shape[-1])
+
+    def _linear_hook(self, w: str | None, b: str | None):
+        def hook(module, args, out):
+            res = self._rows(out)
+            if w is not None:
+                a, bf = self.noise[w]
+                res = res + torch.bmm(torch.bmm(self._rows(args[0]), bf), a.transpose(1, 2))
+            if b is not None:
+                res = res + self.noise[b].unsqueeze(1)
+            return res.view(out.shape)
+
+        return hook
+
+    def _embedding_hook(self, w: str):
+        def hook(module, args, out):
+            a, bf = self.noise[w]
+            ids = args[0].reshape(self.n, -1, 1).expand(-1, -1, a.shape[-1])
+            rows = torch.gather(a, 1, ids)  # (n, tokens, r): A_m[ids_m]
+            return (self._rows(out) + torch.bmm(rows, bf.transpose(1, 2))).view(out.shape)
+
+        return hook

@@ -1,0 +1,131 @@
+"""Low-rank (EGGROLL) noise: factors, the update, and population-batched forwards that must equal
+member-by-member perturbation of the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from torch import nn
+
+from esft.engines.hf import HFEngine
+from esft.engines.population import PopulationHooks
+from esft.errors import ConfigError
+from esft.es import Member, ParamSet
+from esft.es.lowrank import factors, lowrank_trainable
+from esft.es.noise import stream_seed
+
+
+def test_factors_are_deterministic_unit_variance_and_name_keyed():
+    a, b = factors((256, 384), seed=7, name="w", rank=4)
+    a2, b2 = factors((256, 384), seed=7, name="w", rank=4)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert a.shape == (256, 4) and b.shape == (384, 4)
+    eps = a @ b.T
+    assert abs(float(eps.mean())) < 0.02
+    assert 0.9 < float(eps.var()) < 1.1
+    other, _ = factors((256, 384), seed=7, name="v", rank=4)
+    assert not torch.equal(a, other)
+
+
+def test_lowrank_trainable_drops_norm_scales_but_keeps_biases():
+    params = {
+        "l.weight": torch.zeros(3, 4),
+        "l.bias": torch.zeros(3),
+        "norm.weight": torch.zeros(4),
+        "conv.weight": torch.zeros(2, 2, 2),
+    }
+    assert set(lowrank_trainable(params)) == {"l.weight", "l.bias"}
+
+
+def test_update_equals_naive_float64_sum():
+    torch.manual_seed(0)
+    params = {"w": torch.randn(6, 5), "b": torch.randn(6)}
+    ps = ParamSet({k: v.clone() for k, v in params.items()}, scheme="lowrank", rank=2)
+    members = [Member(1), Member(2, -1), Member(3)]
+    weights = [0.5, -1.0, 1.5]
+    ps.update(members, weights, alpha=0.1)
+    for name, base in params.items():
+        acc = torch.zeros(base.shape, dtype=torch.float64)
+        for m, w in zip(members, weights, strict=True):
+            if base.ndim == 2:
+                a, b = factors(base.shape, m.seed, name, 2)
+                eps = (a @ b.T).double()
+            else:
+                gen = torch.Generator().manual_seed(stream_seed(m.seed, name))
+                eps = torch.empty(base.numel()).normal_(generator=gen).double()
+            acc += w * m.sign * eps
+        expected = base.double() + 0.1 / 3 * acc
+        torch.testing.assert_close(ps.params[name].double(), expected, atol=1e-6, rtol=0)
+
+
+def test_perturb_restore_is_bit_exact_with_lowrank():
+    torch.manual_seed(1)
+    t = torch.randn(8, 8).bfloat16()
+    before = t.clone()
+    ps = ParamSet({"w": t}, scheme="lowrank", rank=3)
+    ps.perturb(Member(5, -1), 1e-2)
+    assert not torch.equal(t, before)
+    ps.restore()
+    assert torch.equal(t, before)
+
+
+def _logits(engine: HFEngine, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = engine.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return engine.model(**enc).logits, enc["attention_mask"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_population_forward_equals_member_by_member(tmp_path, tie):
+    engine = HFEngine(build_tiny_model(tmp_path / "m", tie=tie), dtype="float32", device="cpu")
+    params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=2)
+    assert any(n.endswith(".bias") for n in params.params)  # Qwen2 q/k/v biases are perturbed too
+    prompts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]  # different lengths: left padding
+    members = [Member(11), Member(12, -1), Member(13)]
+    sigma = 0.05  # large, so a missed layer would show
+    base, mask = _logits(engine, prompts)
+    with PopulationHooks(engine.model, params) as hooks:
+        hooks.prepare(members, sigma, torch.float32)
+        batched, _ = _logits(engine, prompts * len(members))
+    for i, m in enumerate(members):
+        params.perturb(m, sigma)
+        single, _ = _logits(engine, prompts)
+        params.restore()
+        got = batched[i * 2 : i * 2 + 2]
+        real = mask.bool()
+        assert (single - base)[real].abs().max() > 1e-3  # the perturbation matters
+        torch.testing.assert_close(got[real], single[real], atol=2e-5, rtol=1e-4)
+    after, _ = _logits(engine, prompts)
+    assert torch.equal(after, base)  # hooks removed, weights untouched
+
+
+def test_generate_population_matches_member_by_member_generate(tiny_model):
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu", batch_size=4)  # 2 members per call
+    params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=1)
+    prompts = ["Solve: 3 + 5", "The answer"]
+    members = [Member(s, sign) for s in (1, 2, 3) for sign in (1, -1)]
+    timer: dict[str, float] = {}
+    groups = engine.generate_population(prompts, members, params, 0.05, 8, timer)
+    assert len(groups) == len(members) and timer["generate"] > 0 and timer["noise"] > 0
+    texts = set()
+    for m, gens in zip(members, groups, strict=True):
+        params.perturb(m, 0.05)
+        ref = engine.generate(prompts, 8)
+        params.restore()
+        assert [g.text for g in gens] == [g.text for g in ref]
+        texts.add(tuple(g.text for g in gens))
+    assert len(texts) > 1  # members really generate differently
+
+
+def test_layers_other_than_linear_and_embedding_are_refused():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.raw = nn.Parameter(torch.zeros(3, 3))
+
+    model = Odd()
+    params = ParamSet(dict(model.named_parameters()), scheme="lowrank")
+    with pytest.raises(ConfigError, match="raw"):
+        PopulationHooks(model, params)

