@@ -16,14 +16,13 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from conftest import build_tiny_model  # noqa: E402
 
 from esft.engines.base import Sampling  # noqa: E402
 from esft.engines.hf import HFEngine  # noqa: E402
 from esft.engines.vllm_engine import VLLMEngine  # noqa: E402
 from esft.es.noise import Member  # noqa: E402
 from esft.es.params import ParamSet  # noqa: E402
-
-from .conftest import build_tiny_model  # noqa: E402
 
 PROMPTS = [
     "Solve: 3 + 5 = 8. The answer is",
@@ -92,7 +91,9 @@ def engine(tiny32):
 
 @pytest.fixture(scope="module")
 def tied_engine(tiny32_tied):
-    e = VLLMEngine(tiny32_tied, dtype="float32", device="cpu", batch_size=8, max_model_len=256, kv_cache_gib=0.25)
+    e = VLLMEngine(
+        tiny32_tied, dtype="float32", device="cpu", batch_size=8, max_model_len=256, kv_cache_gib=0.25
+    )
     yield e
     e.close()
 

@@ -211,9 +211,7 @@ class ESWorkerExtension:
         if self._esft_params is not None and self._esft_params.perturbed:
             self._esft_params.restore()
         params = {
-            n: t
-            for n, t in self._esft_views.items()
-            if not any(fnmatch.fnmatchcase(n, p) for p in freeze)
+            n: t for n, t in self._esft_views.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)
         }
         if scheme == "lowrank":
             from esft.es.lowrank import lowrank_trainable
@@ -238,9 +236,7 @@ class ESWorkerExtension:
     def esft_restore(self) -> None:
         self._esft_ps().restore()
 
-    def esft_update(
-        self, members: list[list[int]], weights: list[float], alpha: float
-    ) -> dict[str, float]:
+    def esft_update(self, members: list[list[int]], weights: list[float], alpha: float) -> dict[str, float]:
         stats = self._esft_ps().update(
             [Member(int(s), int(g)) for s, g in members], [float(w) for w in weights], float(alpha)
         )
@@ -327,7 +323,10 @@ class RemoteParamSet:
         if len(members) != len(weights):
             raise ValueError("one weight per member")
         stats = self._engine._rpc(
-            "esft_update", [[int(m.seed), int(m.sign)] for m in members], [float(w) for w in weights], float(alpha)
+            "esft_update",
+            [[int(m.seed), int(m.sign)] for m in members],
+            [float(w) for w in weights],
+            float(alpha),
         )
         if on_tensor is not None:
             on_tensor()
@@ -420,7 +419,9 @@ class VLLMEngine:
 
     # -- ES interface -------------------------------------------------------------------------------
 
-    def param_set(self, freeze: Sequence[str] = (), noise: str = "independent", rank: int = 1) -> RemoteParamSet:
+    def param_set(
+        self, freeze: Sequence[str] = (), noise: str = "independent", rank: int = 1
+    ) -> RemoteParamSet:
         """The trainable weights (HF names minus ``freeze``) as a worker-side ParamSet, driven by RPC.
 
         Only one is live at a time: a new call rebuilds the worker's ParamSet from the current weights.
@@ -520,11 +521,15 @@ class VLLMEngine:
         )
         return [self._generation(c.token_ids) for o in outs for c in o.outputs]
 
-    def logprobs(self, prompts: list[Prompt], max_new_tokens: int = 1, top: int = 20) -> list[list[dict[int, float]]]:
+    def logprobs(
+        self, prompts: list[Prompt], max_new_tokens: int = 1, top: int = 20
+    ) -> list[list[dict[int, float]]]:
         """Greedy decode and return, per prompt and generated position, the top-``top`` logprobs
         (token id -> logprob). A diagnostic: tests use it to see that a perturbation reaches the logits."""
         outs = self.llm.generate(
-            self._token_prompts(prompts), self._sampling_params(max_new_tokens, None, logprobs=top), use_tqdm=False
+            self._token_prompts(prompts),
+            self._sampling_params(max_new_tokens, None, logprobs=top),
+            use_tqdm=False,
         )
         return [
             [{int(t): float(lp.logprob) for t, lp in pos.items()} for pos in (o.outputs[0].logprobs or [])]

@@ -157,7 +157,7 @@ class ParamSet:
         changed = total = 0
         for name, live in self.params.items():
             old = self.pristine[name]
-            sq_param += float(old.float().pow(2).sum())
+            sq_param += float(torch.linalg.vector_norm(old, dtype=torch.float32)) ** 2
             total += old.numel()
             if not active:
                 continue
@@ -175,14 +175,15 @@ class ParamSet:
                 for member, w in active:
                     for start, eps in self._eps(name, member):
                         flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
-            # new = cast(old + alpha/N * acc); the step is taken once, in float32.
-            acc.mul_(alpha / n).add_(old)
-            new = acc.to(old.dtype)
-            delta = new.float() - old.float()
-            sq_update += float(delta.pow(2).sum())
-            changed += int((delta != 0).sum())
-            old.copy_(new)
-            live.copy_(new)
+            # live = cast(old + alpha/N * acc): the step is taken once, in float32, without temporaries
+            acc.mul_(alpha / n)
+            before = old.clone() if live is old else old  # restore="subtract" has no separate pristine
+            torch.add(old, acc, out=live)
+            acc.copy_(live).sub_(before)  # the applied step, after the cast, exactly (float32)
+            sq_update += float(torch.linalg.vector_norm(acc)) ** 2
+            changed += int(torch.count_nonzero(acc))
+            if live is not old:
+                old.copy_(live)
             if on_tensor is not None:
                 on_tensor()
         return UpdateStats(math.sqrt(sq_update), math.sqrt(sq_param), changed / max(total, 1))
