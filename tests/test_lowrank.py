@@ -116,6 +116,9 @@ def test_generate_population_matches_member_by_member_generate(tiny_model):
         assert [g.text for g in gens] == [g.text for g in ref]
         texts.add(tuple(g.text for g in gens))
     assert len(texts) > 1  # members really generate differently
+    engine.batch_size = 1  # more prompts than a batch: one member at a time, prompts in slices
+    small = engine.generate_population(prompts, members[:2], params, 0.05, 8)
+    assert [[g.text for g in gens] for gens in small] == [[g.text for g in gens] for gens in groups[:2]]
 
 
 def test_layers_other_than_linear_and_embedding_are_refused():

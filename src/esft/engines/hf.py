@@ -151,7 +151,16 @@ class HFEngine:
                 tic = time.perf_counter()
                 hooks.prepare(chunk, sigma, self.dtype)
                 mid = time.perf_counter()
-                gens = self._generate_batch(texts * len(chunk), max_new_tokens, raw, None)  # member-major
+                if len(chunk) == 1:  # one member per call; its prompts may still exceed a batch
+                    gens = [
+                        g
+                        for i in range(0, len(texts), self.batch_size)
+                        for g in self._generate_batch(
+                            texts[i : i + self.batch_size], max_new_tokens, raw, None
+                        )
+                    ]
+                else:
+                    gens = self._generate_batch(texts * len(chunk), max_new_tokens, raw, None)  # member-major
                 end = time.perf_counter()
                 timer["noise"] = timer.get("noise", 0.0) + mid - tic
                 timer["generate"] = timer.get("generate", 0.0) + end - mid
