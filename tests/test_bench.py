@@ -50,3 +50,9 @@ def test_bench_cli(tiny_model, capsys):
     out = capsys.readouterr().out
     assert "floor (batched)" in out and "ES, table noise" in out and "lowrank r=1" in out
     assert load_file(str(tiny_model / "model.safetensors"))  # the model folder is untouched
+
+
+def test_fixed_length_gives_every_mode_identical_token_work(tiny_model):
+    engine = HFEngine(tiny_model)
+    rows = run_bench(engine, load_task("conciseness"), 3, 2, 5, ["table", "lowrank"], fixed_length=True)
+    assert [r.tokens for r in rows] == [3 * 2 * 5] * 3

@@ -62,8 +62,16 @@ def run_bench(
     sigma: float = 1e-3,
     freeze: list[str] | None = None,
     rank: int = 1,
+    fixed_length: bool = False,
     log=print,
 ) -> list[BenchRow]:
+    """The floor and one ES iteration per mode. ``fixed_length`` makes every completion exactly
+    ``max_new_tokens`` long (end-of-sequence suppressed, where the engine supports it), so the floor
+    and each mode do identical token work and the ratios measure engine cost alone."""
+    if fixed_length:
+        if not hasattr(engine, "min_new_tokens"):
+            raise ValueError("this engine cannot fix the completion length")
+        engine.min_new_tokens = max_new_tokens
     rows = task.train[:prompts_per_member]
     if len(rows) < prompts_per_member:
         log(f"note: the train split has only {len(rows)} prompts; using {len(rows)} per member")

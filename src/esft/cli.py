@@ -268,6 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.sigma,
         args.freeze,
         args.rank,
+        args.fixed_length,
     )
     info = {
         "model": args.model or "embedded",
@@ -275,6 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "N": args.population,
         "prompts/member": len(task.train[: args.prompts_per_member]),
         "max_new_tokens": args.max_new_tokens,
+        "fixed_length": args.fixed_length,
         "dtype": engine.dtype,
     }
     print(format_table(results, info))
@@ -332,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ES modes to time against the floor (default: reference table lowrank)",
     )
     p.add_argument("--rank", type=int, default=1, help="rank of the lowrank mode")
+    p.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="generate exactly --max-new-tokens per completion (EOS suppressed): identical token work",
+    )
     p.add_argument("--sigma", type=float, default=1e-3)
     p.add_argument("--freeze", action="append", metavar="PATTERN", help="parameter-name pattern kept fixed")
     p.add_argument("--dtype", default="auto")

@@ -70,6 +70,8 @@ class HFEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
+        # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
+        self.min_new_tokens = 0
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
             self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
@@ -186,6 +188,7 @@ class HFEngine:
             **enc,
             **decoding,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min(self.min_new_tokens, max_new_tokens) or None,
             top_k=None,
             repetition_penalty=None,
             num_beams=1,
