@@ -39,12 +39,18 @@ def test_perturbation_is_sigma_eps_in_place():
     ps.restore()
 
 
-def test_update_matches_naive_float64():
+@pytest.mark.parametrize(
+    "pairs,z",
+    [
+        ([(11, 1), (12, -1), (13, 1), (14, 1)], [1.2, -0.3, 0.5, -1.4]),
+        ([(11, 1), (11, -1), (13, 1), (13, -1)], [1.2, -0.3, 0.5, 0.5]),  # antithetic: one draw per pair
+    ],
+)
+def test_update_matches_naive_float64(pairs, z):
     params = make_params(torch.float32)
     before = {k: v.double().clone() for k, v in params.items()}
     ps = ParamSet(params)
-    members = [Member(s, sign) for s, sign in [(11, 1), (12, -1), (13, 1), (14, 1)]]
-    z = [1.2, -0.3, 0.5, -1.4]
+    members = [Member(s, sign) for s, sign in pairs]
     alpha = 5e-2
     stats = ps.update(members, z, alpha)
     for name, t in params.items():

@@ -145,14 +145,19 @@ class ParamSet:
     ) -> UpdateStats:
         """theta += alpha / N * sum_n weights_n * sign_n * eps_n, in float32, cast once per tensor.
 
-        ``weights`` are the shaped rewards (z-scores). Members with weight 0 cost nothing.
+        ``weights`` are the shaped rewards (z-scores). Members with weight 0 cost nothing, and an
+        antithetic pair costs one noise draw.
         """
         if self.perturbed is not None:
             raise RuntimeError("update() while perturbed: call restore() first")
         if len(members) != len(weights):
             raise ValueError("one weight per member")
         n = len(members)
-        active = [(m, float(w)) for m, w in zip(members, weights, strict=True) if w != 0.0]
+        # Members sharing a seed (antithetic pairs) share one noise draw: weight sum_k w_k sign_k.
+        per_seed: dict[int, float] = {}
+        for m, w in zip(members, weights, strict=True):
+            per_seed[m.seed] = per_seed.get(m.seed, 0.0) + float(w) * m.sign
+        active = [(Member(seed), w) for seed, w in per_seed.items() if w != 0.0]
         sq_update = sq_param = 0.0
         changed = total = 0
         for name, live in self.params.items():
