@@ -17,7 +17,7 @@ def test_bench_measures_floor_and_each_scheme_without_changing_weights(tiny_mode
         "reference (paper code)",
         "ES, independent noise",
         "ES, table noise",
-        "ES, lowrank r=2",
+        "ES, lowrank r=2 (batched)",
     ]
     floor = rows[0]
     assert floor.noise == 0 and floor.update == 0 and floor.tokens > 0

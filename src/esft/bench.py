@@ -20,6 +20,7 @@ from typing import Any
 
 from esft.config import BENCH_MODES
 from esft.engines import Engine
+from esft.errors import ConfigError
 from esft.es import ParamSet, iteration_members, shape
 from esft.es.lowrank import lowrank_trainable
 from esft.tasks import Task
@@ -28,14 +29,23 @@ from esft.trainer import score_population, trainable
 
 def mode_params(engine: Engine, mode: str, freeze: list[str], rank: int = 1) -> tuple[str, ParamSet]:
     """(row label, ParamSet) that makes one ES iteration behave as ``mode``."""
-    live = trainable(engine.parameters(), freeze)
-    if mode == "reference":
-        return "reference (paper code)", ParamSet(live, scheme="correlated", restore="subtract")
-    if mode == "lowrank":
-        return f"ES, lowrank r={rank}", ParamSet(lowrank_trainable(live), scheme="lowrank", rank=rank)
     if mode not in BENCH_MODES:
         raise ValueError(f"unknown bench mode {mode!r}; use {', '.join(BENCH_MODES)}")
-    return f"ES, {mode} noise", ParamSet(live, scheme=mode)
+    if mode == "lowrank":
+        how = "batched" if hasattr(engine, "generate_population") else "member by member"
+        label = f"ES, lowrank r={rank} ({how})"
+    else:
+        label = "reference (paper code)" if mode == "reference" else f"ES, {mode} noise"
+    if hasattr(engine, "param_set"):  # weights in another process (vLLM)
+        if mode == "reference":
+            raise ConfigError("the reference mode needs --engine hf (it restores by subtraction in place)")
+        return label, engine.param_set(freeze, mode, rank)
+    live = trainable(engine.parameters(), freeze)
+    if mode == "reference":
+        return label, ParamSet(live, scheme="correlated", restore="subtract")
+    if mode == "lowrank":
+        return label, ParamSet(lowrank_trainable(live), scheme="lowrank", rank=rank)
+    return label, ParamSet(live, scheme=mode)
 
 
 @dataclass
@@ -70,7 +80,7 @@ def run_bench(
     and each mode do identical token work and the ratios measure engine cost alone."""
     if fixed_length:
         if not hasattr(engine, "min_new_tokens"):
-            raise ValueError("this engine cannot fix the completion length")
+            raise ConfigError("this engine cannot fix the completion length; drop --fixed-length")
         engine.min_new_tokens = max_new_tokens
     rows = task.train[:prompts_per_member]
     if len(rows) < prompts_per_member:
@@ -102,7 +112,8 @@ def run_bench(
         if mode == "table":
             from esft.es.noise import noise_table
 
-            noise_table(next(iter(params.params.values())).device)  # once per process, not per iteration
+            if isinstance(params, ParamSet):  # a remote ParamSet builds its table in its own process
+                noise_table(next(iter(params.params.values())).device)  # once, not per iteration
         # restore="subtract" is inexact by design; keep later modes on the original weights (untimed)
         snapshot = {n: t.clone() for n, t in params.params.items()} if mode == "reference" else None
         tic = time.perf_counter()

@@ -256,7 +256,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--population must be >= 2, --prompts-per-member, --max-new-tokens and --rank >= 1")
     task = load_task(args.task, **_parse_task_options(args.task_option))
     engine = build_engine(
-        "hf", resolve_model(args.model), dtype=args.dtype, device=args.device, batch_size=args.batch_size
+        args.engine,
+        resolve_model(args.model),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
     )
     results = run_bench(
         engine,
@@ -277,6 +281,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "prompts/member": len(task.train[: args.prompts_per_member]),
         "max_new_tokens": args.max_new_tokens,
         "fixed_length": args.fixed_length,
+        "engine": args.engine,
         "dtype": engine.dtype,
     }
     print(format_table(results, info))
@@ -334,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ES modes to time against the floor (default: reference table lowrank)",
     )
     p.add_argument("--rank", type=int, default=1, help="rank of the lowrank mode")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="generation backend")
     p.add_argument(
         "--fixed-length",
         action="store_true",

