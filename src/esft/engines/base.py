@@ -36,6 +36,38 @@ class Sampling:
     seed: int = 0
 
 
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """Prompt text as the model sees it: raw text, or a conversation through the chat template (a
+    conversation ending in an assistant message is continued from it)."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        from esft.errors import ConfigError
+
+        raise ConfigError(
+            "this task builds chat prompts but the model's tokenizer has no chat template; "
+            "use a chat/instruct model or the task's raw prompt format"
+        )
+    continue_final = prompt[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(
+        prompt,
+        tokenize=False,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
+    )
+
+
+def completion(tokenizer, eos_ids: set[int], token_ids: list[int]) -> Generation:
+    """A Generation from generated token ids: cut after the first end-of-sequence token, decoded."""
+    n, stopped = len(token_ids), False
+    for i, tok in enumerate(token_ids):
+        if tok in eos_ids:
+            n, stopped = i + 1, True
+            break
+    text = tokenizer.decode(token_ids[:n], skip_special_tokens=True)
+    return Generation(text=text, num_tokens=n, truncated=not stopped)
+
+
 @runtime_checkable
 class Engine(Protocol):
     def parameters(self) -> dict[str, torch.Tensor]:

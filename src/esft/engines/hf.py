@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from esft.engines.base import Generation, Prompt, Sampling
+from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member
 from esft.es.params import ParamSet
@@ -94,20 +94,7 @@ class HFEngine:
 
     def render(self, prompt: Prompt) -> str:
         """Prompt text as the model sees it: raw text, or a conversation through the chat template."""
-        if isinstance(prompt, str):
-            return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(
-                "this task builds chat prompts but the model's tokenizer has no chat template; "
-                "use a chat/instruct model or the task's raw prompt format"
-            )
-        continue_final = prompt[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            prompt,
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-        )
+        return render_prompt(self.tokenizer, prompt)
 
     @torch.inference_mode()
     def generate(
@@ -196,16 +183,7 @@ class HFEngine:
             eos_token_id=sorted(self.eos_ids) or None,
         )
         new_tokens = seqs[:, prompt_len:].tolist()  # (B, <= max_new_tokens), completion only
-        gens = []
-        for row in new_tokens:
-            n, stopped = len(row), False
-            for i, tok in enumerate(row):
-                if tok in self.eos_ids:
-                    n, stopped = i + 1, True
-                    break
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            gens.append(Generation(text=text, num_tokens=n, truncated=not stopped))
-        return gens
+        return [completion(self.tokenizer, self.eos_ids, row) for row in new_tokens]
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

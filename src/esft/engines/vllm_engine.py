@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from esft.engines.base import Generation, Prompt, Sampling
+from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member
 from esft.es.params import UpdateStats
@@ -527,20 +527,7 @@ class VLLMEngine:
 
     def render(self, prompt: Prompt) -> str:
         """Prompt text as the model sees it (same rules as the HF engine)."""
-        if isinstance(prompt, str):
-            return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(
-                "this task builds chat prompts but the model's tokenizer has no chat template; "
-                "use a chat/instruct model or the task's raw prompt format"
-            )
-        continue_final = prompt[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            prompt,
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-        )
+        return render_prompt(self.tokenizer, prompt)
 
     def _token_prompts(self, prompts: list[Prompt]) -> list[dict[str, list[int]]]:
         texts = [self.render(p) for p in prompts]
@@ -572,14 +559,7 @@ class VLLMEngine:
         )
 
     def _generation(self, token_ids: Sequence[int]) -> Generation:
-        row = list(token_ids)
-        n, stopped = len(row), False
-        for i, tok in enumerate(row):
-            if tok in self.eos_ids:
-                n, stopped = i + 1, True
-                break
-        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-        return Generation(text=text, num_tokens=n, truncated=not stopped)
+        return completion(self.tokenizer, self.eos_ids, list(token_ids))
 
     def generate(
         self, prompts: list[Prompt], max_new_tokens: int, sampling: Sampling | None = None
