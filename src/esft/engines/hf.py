@@ -100,16 +100,11 @@ class HFEngine:
     def generate(
         self, prompts: list[Prompt], max_new_tokens: int, sampling: Sampling | None = None
     ) -> list[Generation]:
-        out: list[Generation] = []
-        texts = [self.render(p) for p in prompts]
-        # Raw prompts get the tokenizer's special tokens (e.g. BOS); chat templates already hold them.
-        raw = all(isinstance(p, str) for p in prompts)
+        texts, raw = self._texts(prompts)
         if sampling is not None:
             torch.manual_seed(sampling.seed)  # sampled evaluation is reproducible for a given seed
         per_call = self.batch_size if sampling is None else max(1, self.batch_size // sampling.samples)
-        for start in range(0, len(texts), per_call):
-            out.extend(self._generate_batch(texts[start : start + per_call], max_new_tokens, raw, sampling))
-        return out
+        return self._generate_texts(texts, max_new_tokens, raw, sampling, per_call)
 
     @torch.inference_mode()
     def generate_population(
@@ -129,8 +124,7 @@ class HFEngine:
         """
         from esft.engines.population import PopulationHooks
 
-        texts = [self.render(p) for p in prompts]
-        raw = all(isinstance(p, str) for p in prompts)
+        texts, raw = self._texts(prompts)
         per_call = max(1, self.batch_size // max(len(texts), 1))
         timer = timer if timer is not None else {}
         out: list[list[Generation]] = []
@@ -140,21 +134,34 @@ class HFEngine:
                 tic = time.perf_counter()
                 hooks.prepare(chunk, sigma, self.dtype)
                 mid = time.perf_counter()
-                if len(chunk) == 1:  # one member per call; its prompts may still exceed a batch
-                    gens = [
-                        g
-                        for i in range(0, len(texts), self.batch_size)
-                        for g in self._generate_batch(
-                            texts[i : i + self.batch_size], max_new_tokens, raw, None
-                        )
-                    ]
-                else:
-                    gens = self._generate_batch(texts * len(chunk), max_new_tokens, raw, None)  # member-major
+                # member-major rows; several members fit one batch, a lone member's prompts may span
+                # several (the hooks need each batch to hold whole members, or rows of one member)
+                gens = self._generate_texts(texts * len(chunk), max_new_tokens, raw)
                 end = time.perf_counter()
                 timer["noise"] = timer.get("noise", 0.0) + mid - tic
                 timer["generate"] = timer.get("generate", 0.0) + end - mid
                 out.extend(gens[i * len(texts) : (i + 1) * len(texts)] for i in range(len(chunk)))
         return out
+
+    def _texts(self, prompts: list[Prompt]) -> tuple[list[str], bool]:
+        """Rendered prompts, and whether they are raw text (raw prompts get the tokenizer's special
+        tokens, e.g. BOS; chat templates already hold them)."""
+        return [self.render(p) for p in prompts], all(isinstance(p, str) for p in prompts)
+
+    def _generate_texts(
+        self,
+        texts: list[str],
+        max_new_tokens: int,
+        raw: bool,
+        sampling: Sampling | None = None,
+        per_call: int | None = None,
+    ) -> list[Generation]:
+        per_call = per_call or self.batch_size
+        return [
+            g
+            for start in range(0, len(texts), per_call)
+            for g in self._generate_batch(texts[start : start + per_call], max_new_tokens, raw, sampling)
+        ]
 
     def _generate_batch(
         self, texts: list[str], max_new_tokens: int, raw: bool, sampling: Sampling | None

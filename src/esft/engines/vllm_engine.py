@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
+from esft.engines.hf import resolve_dtype
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member
 from esft.es.params import UpdateStats
@@ -400,12 +401,6 @@ class RemoteParamSet:
         return float(self._engine._rpc("esft_state_norm"))
 
 
-def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    from esft.engines.hf import resolve_dtype
-
-    return resolve_dtype(dtype, device)
-
-
 class VLLMEngine:
     """vLLM generation with ES perturbations applied in the worker (see the module docstring)."""
 
@@ -438,7 +433,7 @@ class VLLMEngine:
         if device.split(":")[0] != platform:
             raise ConfigError(f"this vLLM build runs on {platform}; --device {device} is not available")
         self.device = device
-        self.dtype = _resolve_dtype(dtype, device)
+        self.dtype = resolve_dtype(dtype, device)
         self.batch_size = batch_size
         # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
         self.min_new_tokens = 0

@@ -85,12 +85,11 @@ class ParamSet:
 
     def _eps(self, name: str, member: Member):
         """(start, values) slices of the flattened float32 noise of ``name`` under ``member``."""
-        t = self.params[name]
-        buf = None
         if self.scheme == NoiseScheme.LOWRANK:
             return [(0, self._lowrank_eps(name, member.seed).view(-1))]
-        if self.scheme != NoiseScheme.TABLE:  # generated noise is drawn into a reused buffer
-            buf = self._buffer(t)
+        t = self.params[name]
+        # generated noise is drawn into a reused buffer; table noise is yielded as table views
+        buf = None if self.scheme == NoiseScheme.TABLE else self._buffer(t)
         return noise_slices(t.shape, member.seed, name, t.device, self.scheme, buf)
 
     def _buffer(self, t: torch.Tensor) -> torch.Tensor:
