@@ -21,6 +21,7 @@ from conftest import build_tiny_model  # noqa: E402
 from esft.engines.base import Sampling  # noqa: E402
 from esft.engines.hf import HFEngine  # noqa: E402
 from esft.engines.vllm_engine import VLLMEngine  # noqa: E402
+from esft.errors import ConfigError  # noqa: E402
 from esft.es.noise import Member  # noqa: E402
 from esft.es.params import ParamSet  # noqa: E402
 
@@ -285,10 +286,71 @@ def test_freezing_everything_is_a_config_error(engine):
         engine.param_set(freeze=["*"])
 
 
+# -- low-rank population batching (members as LoRA adapters) -----------------------------------------
+
+LORA_FREEZE = ["*.bias", "*embed_tokens*", "lm_head*"]
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny32):
+    e = VLLMEngine(
+        tiny32,
+        dtype="float32",
+        device="cpu",
+        batch_size=16,
+        max_model_len=256,
+        kv_cache_gib=0.25,
+        lora_population=4,
+    )
+    yield e
+    e.close()
+
+
+def test_lora_names_are_the_linear_weights(lora_engine):
+    names = set(lora_engine.setup_report["lora_names"])
+    expected = {
+        n
+        for n, shape in lora_engine.parameter_shapes().items()
+        if len(shape) == 2 and "embed_tokens" not in n and not n.startswith("lm_head")
+    }
+    assert names == expected and len(names) == 2 * 7  # q k v o gate up down, two layers
+
+
+def test_population_batch_equals_member_by_member(lora_engine):
+    ps = lora_engine.param_set(LORA_FREEZE, "lowrank", 1)
+    members = [Member(11, 1), Member(11, -1), Member(12, 1), Member(13, 1)]
+    timer: dict[str, float] = {}
+    batched = lora_engine.generate_population(PROMPTS, members, ps, 0.05, 12, timer)
+    assert timer["noise"] > 0 and timer["generate"] > 0
+    base = [g.text for g in lora_engine.generate(PROMPTS, 12)]
+    texts = []
+    for member, gens in zip(members, batched, strict=True):
+        ps.perturb(member, 0.05)  # the same noise materialised into the weights
+        reference = [g.text for g in lora_engine.generate(PROMPTS, 12)]
+        ps.restore()
+        assert [g.text for g in gens] == reference
+        texts.append(reference)
+    assert any(t != base for t in texts)  # the perturbation reaches the output
+    assert len({tuple(t) for t in texts}) > 1  # and differs between members
+    # a second population replaces the first one's adapters; the same members give the same texts
+    again = lora_engine.generate_population(PROMPTS, members, ps, 0.05, 12)
+    assert [[g.text for g in gens] for gens in again] == texts
+    assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base  # weights never written
+
+
+def test_population_batching_refuses_what_lora_cannot_carry(lora_engine):
+    with pytest.raises(ConfigError, match=r"--freeze '\*\.bias'"):
+        lora_engine.param_set(["*embed_tokens*", "lm_head*"], "lowrank", 1)
+    ps = lora_engine.param_set(LORA_FREEZE, "lowrank", 1)
+    with pytest.raises(ConfigError, match="LoRA slots"):
+        lora_engine.generate_population(PROMPTS, [Member(i, 1) for i in range(5)], ps, 0.05, 4)
+
+
 # -- the CLI end to end --------------------------------------------------------------------------------
 
 
-def test_cli_trains_with_vllm_and_replays_bit_identically(tmp_path, tiny32, capsys):
+@pytest.mark.parametrize("noise", ["independent", "lowrank"])
+def test_cli_trains_with_vllm_and_replays_bit_identically(tmp_path, tiny32, capsys, noise):
     from safetensors.torch import load_file
 
     from esft.cli import main
@@ -296,6 +358,9 @@ def test_cli_trains_with_vllm_and_replays_bit_identically(tmp_path, tiny32, caps
     out = tmp_path / "run"
     common = ["--model", str(tiny32), "--output", str(out), "--task", "conciseness", "--population", "4"]
     common += ["--max-new-tokens", "6", "--sigma", "0.05", "--alpha", "0.01", "--dtype", "float32"]
+    common += ["--noise", noise]
+    if noise == "lowrank":  # members batched as LoRA adapters
+        common += [f"--freeze={p}" for p in LORA_FREEZE]
     assert main(["train", "--engine", "vllm", "--iterations", "2", "--quiet", *common]) == 0
     base = load_file(str(tiny32 / "model.safetensors"))
     final = load_file(str(out / "checkpoints" / "iter-000002" / "model.safetensors"))

@@ -32,7 +32,7 @@ def mode_params(engine: Engine, mode: str, freeze: list[str], rank: int = 1) -> 
     if mode not in BENCH_MODES:
         raise ValueError(f"unknown bench mode {mode!r}; use {', '.join(BENCH_MODES)}")
     if mode == "lowrank":
-        how = "batched" if hasattr(engine, "generate_population") else "member by member"
+        how = "batched" if getattr(engine, "population_batching", False) else "member by member"
         label = f"ES, lowrank r={rank} ({how})"
     else:
         label = "reference (paper code)" if mode == "reference" else f"ES, {mode} noise"

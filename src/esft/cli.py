@@ -251,16 +251,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from esft.engines import build_engine
     from esft.models import resolve_model
     from esft.tasks import load_task
+    from esft.trainer import engine_options
 
     if args.population < 2 or args.prompts_per_member < 1 or args.max_new_tokens < 1 or args.rank < 1:
         raise ConfigError("--population must be >= 2, --prompts-per-member, --max-new-tokens and --rank >= 1")
     task = load_task(args.task, **_parse_task_options(args.task_option))
+    lowrank = "lowrank" if "lowrank" in args.modes else ""
     engine = build_engine(
         args.engine,
         resolve_model(args.model),
         dtype=args.dtype,
         device=args.device,
         batch_size=args.batch_size,
+        **engine_options(args.engine, lowrank, args.population, args.rank),
     )
     results = run_bench(
         engine,

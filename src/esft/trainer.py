@@ -61,6 +61,14 @@ def es_params(engine: Engine, freeze: list[str], noise: str = "independent", ran
     return ParamSet(params, scheme=noise, rank=rank)
 
 
+def engine_options(engine: str, noise: str, population: int, rank: int) -> dict[str, int]:
+    """Engine options a run needs beyond the model: vLLM batches low-rank members as LoRA adapters, so it
+    reserves one adapter slot per member at start-up."""
+    if engine == "vllm" and noise == NoiseScheme.LOWRANK:
+        return {"lora_population": population, "lora_rank": rank}
+    return {}
+
+
 def prompt_batch(n_rows: int, size: int | None, run_seed: int, iteration: int) -> list[int]:
     """Row indices used in ``iteration``: all rows, or a mini-batch drawn from (run seed, iteration)."""
     if size is None or size >= n_rows:
@@ -108,7 +116,7 @@ def score_population(
     """
     prompts = [r["prompt"] for r in rows]
     pop = Population()
-    if params.scheme == NoiseScheme.LOWRANK and hasattr(engine, "generate_population"):
+    if params.scheme == NoiseScheme.LOWRANK and getattr(engine, "population_batching", False):
         groups = engine.generate_population(prompts, members, params, sigma, max_new_tokens, pop.timer)
         for gens in groups:
             _score_member(pop, task, rows, gens)
@@ -326,7 +334,10 @@ class ESTrainer:
 
     def _build_engine(self, path: str) -> Engine:
         cfg = self.config
-        return build_engine(cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+        options = engine_options(cfg.engine, cfg.noise, cfg.population, cfg.rank)
+        return build_engine(
+            cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, **options
+        )
 
     def _load_state(self, model_path: str) -> tuple[int, Engine, ParamSet]:
         """Fresh start from the base model, or resume: newest checkpoint + seed-log entries past it."""

@@ -49,6 +49,8 @@ def resolve_device(device: str) -> str:
 class HFEngine:
     """A transformers causal LM with greedy batched generation."""
 
+    population_batching = True  # generate_population: low-rank members share batched forwards
+
     def __init__(
         self,
         model_path: str | Path,

@@ -43,6 +43,7 @@ from esft.es.noise import Member
 from esft.es.params import UpdateStats
 
 EXTENSION = "esft.engines.vllm_engine.ESWorkerExtension"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,6 +142,9 @@ class ESWorkerExtension:
                             target = (fused_name, attr, idx)
                     if key == "lm_head.weight" and tied:
                         target = None  # HF ties it to the embedding; so does vLLM
+                    if target is not None and f"{target[0]}.base_layer" in modules:
+                        # with LoRA enabled, vLLM wraps the layer; the tensors live in its base_layer
+                        target = (f"{target[0]}.base_layer", *target[1:])
                     if target is None:
                         self._esft_unmapped[key] = (str(f), key)
                     else:
@@ -228,6 +232,16 @@ class ESWorkerExtension:
 
         self._esft_hf_order = list(self._esft_views)
         self._esft_params = None
+        # 5. with LoRA enabled: the HF matrices whose layer vLLM wraps for LoRA (population batching)
+        self._esft_lora_ids: list[int] = []
+        lora_names = []
+        if getattr(self.model_runner, "lora_manager", None) is not None:
+            from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+            for key, (mod_name, attr, _) in placement.items():
+                wrapper = modules.get(mod_name.removesuffix(".base_layer"))
+                if attr == "weight" and isinstance(wrapper, BaseLinearLayerWithLoRA):
+                    lora_names.append(key)
         self._esft_hf_dtypes = {k: str(v).removeprefix("torch.") for k, v in hf_dtypes.items()}
         return {
             "names": {k: list(v.shape) for k, v in self._esft_views.items()},
@@ -237,6 +251,7 @@ class ESWorkerExtension:
             "cpu_gemm": cpu_gemm,
             "unmapped": sorted(self._esft_unmapped),
             "dtype": str(dtype).removeprefix("torch."),
+            "lora_names": sorted(lora_names),
         }
 
     @staticmethod
@@ -310,6 +325,51 @@ class ESWorkerExtension:
             "param_norm": stats.param_norm,
             "changed_fraction": stats.changed_fraction,
         }
+
+    def esft_lora_population(self, members: list[list[int]], sigma: float, first_id: int) -> list[int]:
+        """Register one in-memory LoRA adapter per member (ids ``first_id``, ``first_id + 1``, ...),
+        replacing the previous population's: for each trainable matrix with factors (A, B) of
+        ``esft.es.lowrank``, lora_A = B^T and lora_B = sign * sigma * A (scaling 1), so the adapter adds
+        exactly the member's perturbation sigma * sign * A B^T. Requests that name these ids find them
+        registered and never read their (placeholder) path."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        from esft.es.lowrank import factors
+
+        ps = self._esft_ps()
+        if str(ps.scheme) != "lowrank":
+            raise ValueError("LoRA population batching needs the lowrank noise scheme")
+        workers = self.model_runner.lora_manager
+        manager = workers._adapter_manager
+        for lora_id in self._esft_lora_ids:
+            workers.remove_adapter(lora_id)
+        self._esft_lora_ids = []
+        matrices = {n: t for n, t in ps.params.items() if t.ndim == 2}
+        modules = sorted({n.removesuffix(".weight").rpartition(".")[2] for n in matrices})
+        helper = PEFTHelper.from_dict({"r": ps.rank, "lora_alpha": ps.rank, "target_modules": modules})
+        helper.validate_legal(workers.lora_config)
+        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            mapper = mapper.get_rename_mapper()
+        for k, (seed, sign) in enumerate(members):
+            tensors: dict[str, torch.Tensor] = {}
+            for name, t in matrices.items():
+                a, b = factors(t.shape, int(seed), name, ps.rank, t.device)  # the update's exact draws
+                module = f"base_model.model.{name.removesuffix('.weight')}"
+                tensors[f"{module}.lora_A.weight"] = b.t().contiguous().cpu()
+                tensors[f"{module}.lora_B.weight"] = a.mul(float(sigma) * int(sign)).cpu()
+            lora = LoRAModel.from_lora_tensors(
+                int(first_id) + k,
+                tensors,
+                helper,
+                device="cpu",
+                dtype=workers.lora_config.lora_dtype,
+                weights_mapper=mapper,
+            )
+            manager.add_adapter(lora)
+            self._esft_lora_ids.append(lora.id)
+        return list(self._esft_lora_ids)
 
     def esft_state_norm(self) -> float:
         return self._esft_ps().state_norm()
@@ -414,6 +474,8 @@ class VLLMEngine:
         kv_cache_gib: float = 1.0,
         seed: int = 0,
         cpu_gemm: str = "onednn",
+        lora_population: int = 0,
+        lora_rank: int = 1,
     ) -> None:
         try:
             import vllm  # noqa: F401
@@ -454,6 +516,20 @@ class VLLMEngine:
         if max_model_len is None:
             max_model_len = min(int(getattr(self.config, "max_position_embeddings", 4096) or 4096), 4096)
         self.max_model_len = max_model_len
+        # Low-rank population batching: each member is one in-memory LoRA adapter, all in one batch.
+        self.lora_population = int(lora_population)
+        lora: dict[str, Any] = {}
+        if self.lora_population > 0:
+            slot_rank = next((r for r in LORA_RANKS if r >= lora_rank), None)
+            if slot_rank is None:
+                raise ConfigError(f"--rank {lora_rank} is above vLLM's largest LoRA rank {LORA_RANKS[-1]}")
+            lora = {
+                "enable_lora": True,
+                "max_loras": self.lora_population,
+                "max_cpu_loras": self.lora_population,
+                "max_lora_rank": slot_rank,
+            }
+        self._next_lora_id = 1
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
@@ -467,6 +543,7 @@ class VLLMEngine:
             kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
+            **lora,
         )
         reports = self.llm.collective_rpc("esft_setup", args=(str(self.model_path), cpu_gemm))
         self.setup_report: dict[str, Any] = reports[0]
@@ -488,10 +565,78 @@ class VLLMEngine:
 
         Only one is live at a time: a new call rebuilds the worker's ParamSet from the current weights.
         """
-        if not any(not any(fnmatch.fnmatchcase(n, p) for p in freeze) for n in self.names):
+        trainable = [n for n in self.names if not any(fnmatch.fnmatchcase(n, p) for p in freeze)]
+        if not trainable:
             raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
+        if noise == "lowrank" and self.population_batching:
+            shapes = self.parameter_shapes()
+            lora = set(self.setup_report["lora_names"])
+            other = [n for n in trainable if n not in lora and (len(shapes[n]) == 2 or n.endswith(".bias"))]
+            if other:
+                raise ConfigError(
+                    "--engine vllm batches low-rank members as LoRA adapters, which carry noise for the "
+                    f"linear layers' weights only, not {other[0]} (and {len(other) - 1} more): add "
+                    "--freeze '*.bias' --freeze '*embed_tokens*' --freeze 'lm_head*' (or use --engine hf)"
+                )
         self._params = RemoteParamSet(self, freeze, noise, rank)
         return self._params
+
+    @property
+    def population_batching(self) -> bool:
+        """Whether ``generate_population`` can run all low-rank members in one batch (LoRA enabled)."""
+        return self.lora_population > 0
+
+    def generate_population(
+        self,
+        prompts: list[Prompt],
+        members: Sequence[Member],
+        params: RemoteParamSet,
+        sigma: float,
+        max_new_tokens: int,
+        timer: dict[str, float] | None = None,
+    ) -> list[list[Generation]]:
+        """Greedy completions of ``prompts`` under each member's low-rank perturbation, one list per
+        member, from one vLLM generate call in which member n's requests carry LoRA adapter n
+        (``ESWorkerExtension.esft_lora_population``); the weights are never written.
+
+        ``timer["noise"]`` accumulates the time spent building the adapters, ``timer["generate"]`` the rest.
+        """
+        import time
+
+        from vllm.lora.request import LoRARequest
+
+        if not self.population_batching:
+            raise ConfigError("this vLLM engine was built without LoRA slots (lora_population=0)")
+        if len(members) > self.lora_population:
+            raise ConfigError(
+                f"{len(members)} members but the engine has {self.lora_population} LoRA slots; "
+                "build it with lora_population >= the population"
+            )
+        if params is not self._params or params.scheme != "lowrank":
+            raise ValueError("generate_population needs the engine's current lowrank param_set()")
+        timer = timer if timer is not None else {}
+        tic = time.perf_counter()
+        ids = self._rpc(
+            "esft_lora_population",
+            [[int(m.seed), int(m.sign)] for m in members],
+            float(sigma),
+            self._next_lora_id,
+        )
+        self._next_lora_id += len(members)
+        mid = time.perf_counter()
+        adapters = [LoRARequest(f"esft-member-{i}", i, "esft://in-memory") for i in ids]
+        requests = [a for a in adapters for _ in prompts]  # member-major, like the HF engine
+        outs = self.llm.generate(
+            self._token_prompts(prompts) * len(members),
+            self._sampling_params(max_new_tokens, None),
+            lora_request=requests,
+            use_tqdm=False,
+        )
+        gens = [self._generation(o.outputs[0].token_ids) for o in outs]
+        timer["noise"] = timer.get("noise", 0.0) + mid - tic
+        timer["generate"] = timer.get("generate", 0.0) + time.perf_counter() - mid
+        p = len(prompts)
+        return [gens[i * p : (i + 1) * p] for i in range(len(members))]
 
     def perturb(self, member: Member, sigma: float) -> None:
         self._default_params().perturb(member, sigma)
