@@ -288,7 +288,7 @@ def test_freezing_everything_is_a_config_error(engine):
 
 # -- low-rank population batching (members as LoRA adapters) -----------------------------------------
 
-LORA_FREEZE = ["*.bias", "*embed_tokens*", "lm_head*"]
+LORA_FREEZE = ["*embed_tokens*", "lm_head*"]  # embeddings: no LoRA layer for Qwen2 in vLLM
 
 
 @pytest.fixture(scope="module")
@@ -306,14 +306,16 @@ def lora_engine(tiny32):
     e.close()
 
 
-def test_lora_names_are_the_linear_weights(lora_engine):
+def test_lora_names_are_the_linear_layers(lora_engine):
     names = set(lora_engine.setup_report["lora_names"])
     expected = {
         n
         for n, shape in lora_engine.parameter_shapes().items()
-        if len(shape) == 2 and "embed_tokens" not in n and not n.startswith("lm_head")
+        if (len(shape) == 2 or n.endswith(".bias"))
+        and "embed_tokens" not in n
+        and not n.startswith("lm_head")
     }
-    assert names == expected and len(names) == 2 * 7  # q k v o gate up down, two layers
+    assert names == expected and len(names) == 2 * (7 + 3)  # q k v o gate up down + qkv biases, 2 layers
 
 
 def test_population_batch_equals_member_by_member(lora_engine):
@@ -338,9 +340,28 @@ def test_population_batch_equals_member_by_member(lora_engine):
     assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base  # weights never written
 
 
+def test_population_bias_noise_alone_reaches_the_output(lora_engine, tiny32):
+    names = list(lora_engine.parameter_shapes())
+    ps = lora_engine.param_set(only(names, "*.bias"), "lowrank", 1)
+    members = [Member(21, 1), Member(21, -1), Member(22, 1)]
+    batched = lora_engine.generate_population(PROMPTS, members, ps, 0.5, 12)
+    base = [g.text for g in lora_engine.generate(PROMPTS, 12)]
+    differs = False
+    for member, gens in zip(members, batched, strict=True):
+        ps.perturb(member, 0.5)
+        reference = [g.text for g in lora_engine.generate(PROMPTS, 12)]
+        ps.restore()
+        assert [g.text for g in gens] == reference
+        differs |= reference != base
+    assert differs
+    assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base  # no noise leaks into plain requests
+
+
 def test_population_batching_refuses_what_lora_cannot_carry(lora_engine):
-    with pytest.raises(ConfigError, match=r"--freeze '\*\.bias'"):
-        lora_engine.param_set(["*embed_tokens*", "lm_head*"], "lowrank", 1)
+    with pytest.raises(
+        ConfigError, match=r"not lm_head.weight \(and 1 more\): add --freeze '\*embed_tokens\*'"
+    ):
+        lora_engine.param_set([], "lowrank", 1)
     ps = lora_engine.param_set(LORA_FREEZE, "lowrank", 1)
     with pytest.raises(ConfigError, match="LoRA slots"):
         lora_engine.generate_population(PROMPTS, [Member(i, 1) for i in range(5)], ps, 0.05, 4)

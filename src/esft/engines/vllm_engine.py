@@ -233,15 +233,20 @@ class ESWorkerExtension:
         self._esft_hf_order = list(self._esft_views)
         self._esft_params = None
         # 5. with LoRA enabled: the HF matrices whose layer vLLM wraps for LoRA (population batching)
+        #    (weights: carried by the adapters; biases: added per token by a hook, see _esft_bias_hooks)
         self._esft_lora_ids: list[int] = []
-        lora_names = []
+        self._esft_lora_wrapper: dict[str, torch.nn.Module] = {}  # HF name -> the LoRA layer holding it
+        self._esft_bias_noise: dict[int, dict[str, torch.Tensor]] = {}
+        self._esft_bias_handles: list[Any] = []
+        self._esft_bias_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         if getattr(self.model_runner, "lora_manager", None) is not None:
             from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
             for key, (mod_name, attr, _) in placement.items():
                 wrapper = modules.get(mod_name.removesuffix(".base_layer"))
-                if attr == "weight" and isinstance(wrapper, BaseLinearLayerWithLoRA):
-                    lora_names.append(key)
+                if attr in ("weight", "bias") and isinstance(wrapper, BaseLinearLayerWithLoRA):
+                    self._esft_lora_wrapper[key] = wrapper
+        lora_names = list(self._esft_lora_wrapper)
         self._esft_hf_dtypes = {k: str(v).removeprefix("torch.") for k, v in hf_dtypes.items()}
         return {
             "names": {k: list(v.shape) for k, v in self._esft_views.items()},
@@ -272,6 +277,8 @@ class ESWorkerExtension:
 
         if self._esft_params is not None and self._esft_params.perturbed:
             self.esft_restore()
+        if self._esft_lora_ids or self._esft_bias_handles:
+            self._esft_drop_population()
         params = {
             n: t for n, t in self._esft_views.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)
         }
@@ -335,18 +342,26 @@ class ESWorkerExtension:
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
 
-        from esft.es.lowrank import factors
+        from esft.es.lowrank import factors, vector_noise
 
         ps = self._esft_ps()
         if str(ps.scheme) != "lowrank":
             raise ValueError("LoRA population batching needs the lowrank noise scheme")
         workers = self.model_runner.lora_manager
         manager = workers._adapter_manager
-        for lora_id in self._esft_lora_ids:
-            workers.remove_adapter(lora_id)
-        self._esft_lora_ids = []
+        self._esft_drop_population()
         matrices = {n: t for n, t in ps.params.items() if t.ndim == 2}
-        modules = sorted({n.removesuffix(".weight").rpartition(".")[2] for n in matrices})
+        biases = {n: t for n, t in ps.params.items() if t.ndim == 1}
+        outside = sorted(n for n in ps.params if n not in self._esft_lora_wrapper)
+        if outside:
+            raise ValueError(
+                f"LoRA population batching cannot perturb {outside[0]} (not a LoRA layer's tensor)"
+            )
+        self._esft_bias_hooks(biases)
+        zero = None
+        if not matrices:  # bias noise only: a zero adapter still gives each member its own LoRA slot
+            zero = next(n for n in self._esft_lora_wrapper if n.endswith(".weight"))
+        modules = sorted({n.removesuffix(".weight").rpartition(".")[2] for n in [*matrices, zero] if n})
         helper = PEFTHelper.from_dict({"r": ps.rank, "lora_alpha": ps.rank, "target_modules": modules})
         helper.validate_legal(workers.lora_config)
         mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
@@ -359,6 +374,11 @@ class ESWorkerExtension:
                 module = f"base_model.model.{name.removesuffix('.weight')}"
                 tensors[f"{module}.lora_A.weight"] = b.t().contiguous().cpu()
                 tensors[f"{module}.lora_B.weight"] = a.mul(float(sigma) * int(sign)).cpu()
+            if zero is not None:
+                out_f, in_f = self._esft_views[zero].shape
+                module = f"base_model.model.{zero.removesuffix('.weight')}"
+                tensors[f"{module}.lora_A.weight"] = torch.zeros(ps.rank, in_f)
+                tensors[f"{module}.lora_B.weight"] = torch.zeros(out_f, ps.rank)
             lora = LoRAModel.from_lora_tensors(
                 int(first_id) + k,
                 tensors,
@@ -369,7 +389,71 @@ class ESWorkerExtension:
             )
             manager.add_adapter(lora)
             self._esft_lora_ids.append(lora.id)
+            noise: dict[str, torch.Tensor] = {}  # per hooked layer: the member's bias noise, fused rows
+            for name, t in biases.items():
+                layer = self._esft_place[name]["vllm"]
+                full = noise.setdefault(layer, torch.zeros(self._esft_bias_rows[layer], device=t.device))
+                lo, hi = self._esft_place[name]["rows"]
+                full[lo:hi] = vector_noise(t.numel(), int(seed), name, t.device).mul_(
+                    float(sigma) * int(sign)
+                )
+            self._esft_bias_noise[lora.id] = noise
         return list(self._esft_lora_ids)
+
+    def _esft_bias_hooks(self, biases: dict[str, torch.Tensor]) -> None:
+        """Forward hooks that add each token's member's bias noise to the outputs of the LoRA layers
+        holding trainable biases (LoRA itself has no per-adapter bias). A token's member is its LoRA slot
+        (``punica_wrapper.token_lora_indices``; -1 for none) mapped to an adapter id by the manager."""
+        self._esft_drop_bias_hooks()
+        self._esft_bias_rows: dict[str, int] = {}
+        self._esft_bias_layers: dict[str, torch.nn.Module] = {}
+        for name in biases:
+            layer = self._esft_place[name]["vllm"]
+            self._esft_bias_layers[layer] = self._esft_lora_wrapper[name]
+            self._esft_bias_rows[layer] = int(self._esft_lora_wrapper[name].base_layer.bias.shape[0])
+        for layer, wrapper in self._esft_bias_layers.items():
+
+            def hook(module, inputs, output, layer=layer):
+                out = output[0] if isinstance(output, tuple) else output
+                slots = module.punica_wrapper.token_lora_indices
+                if slots.shape[0] != out.shape[0]:
+                    raise RuntimeError(
+                        f"{layer}: {out.shape[0]} output rows but {slots.shape[0]} token slots"
+                    )
+                out.add_(self._esft_bias_by_slot(layer, out.dtype)[slots])
+                return output
+
+            self._esft_bias_handles.append(wrapper.register_forward_hook(hook))
+
+    def _esft_drop_bias_hooks(self) -> None:
+        for handle in self._esft_bias_handles:
+            handle.remove()
+        self._esft_bias_handles = []
+
+    def _esft_drop_population(self) -> None:
+        """Unregister the current population's adapters and bias hooks."""
+        for lora_id in self._esft_lora_ids:
+            self.model_runner.lora_manager.remove_adapter(lora_id)
+        self._esft_lora_ids, self._esft_bias_noise, self._esft_bias_cache = [], {}, None
+        self._esft_drop_bias_hooks()
+
+    def _esft_bias_by_slot(self, layer: str, dtype: torch.dtype) -> torch.Tensor:
+        """(slots + 1, rows) bias noise of the adapter in each LoRA slot; the last row (slot -1) is zero."""
+        manager = self.model_runner.lora_manager._adapter_manager
+        key = tuple(manager.lora_index_to_id)
+        if self._esft_bias_cache is None or self._esft_bias_cache[0] != key:
+            self._esft_bias_cache = (key, {})
+        stacks = self._esft_bias_cache[1]
+        if layer not in stacks:
+            rows = self._esft_bias_rows[layer]
+            device = self._esft_bias_layers[layer].base_layer.bias.device
+            stack = torch.zeros(len(key) + 1, rows, dtype=dtype, device=device)
+            for slot, lora_id in enumerate(key):
+                noise = self._esft_bias_noise.get(lora_id, {}).get(layer) if lora_id is not None else None
+                if noise is not None:
+                    stack[slot] = noise.to(dtype)
+            stacks[layer] = stack
+        return stacks[layer]
 
     def esft_state_norm(self) -> float:
         return self._esft_ps().state_norm()
@@ -574,9 +658,9 @@ class VLLMEngine:
             other = [n for n in trainable if n not in lora and (len(shapes[n]) == 2 or n.endswith(".bias"))]
             if other:
                 raise ConfigError(
-                    "--engine vllm batches low-rank members as LoRA adapters, which carry noise for the "
-                    f"linear layers' weights only, not {other[0]} (and {len(other) - 1} more): add "
-                    "--freeze '*.bias' --freeze '*embed_tokens*' --freeze 'lm_head*' (or use --engine hf)"
+                    "--engine vllm batches low-rank members as LoRA adapters, which perturb the decoder's "
+                    f"linear layers only, not {other[0]} (and {len(other) - 1} more): add "
+                    "--freeze '*embed_tokens*' --freeze 'lm_head*' (or use --engine hf)"
                 )
         self._params = RemoteParamSet(self, freeze, noise, rank)
         return self._params
