@@ -288,13 +288,11 @@ def test_freezing_everything_is_a_config_error(engine):
 
 # -- low-rank population batching (members as LoRA adapters) -----------------------------------------
 
-LORA_FREEZE = ["*embed_tokens*", "lm_head*"]  # embeddings: no LoRA layer for Qwen2 in vLLM
 
-
-@pytest.fixture(scope="module")
-def lora_engine(tiny32):
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def lora_engine(request, tiny32, tiny32_tied):
     e = VLLMEngine(
-        tiny32,
+        tiny32 if request.param == "untied" else tiny32_tied,
         dtype="float32",
         device="cpu",
         batch_size=16,
@@ -306,63 +304,54 @@ def lora_engine(tiny32):
     e.close()
 
 
-def test_lora_names_are_the_linear_layers(lora_engine):
-    names = set(lora_engine.setup_report["lora_names"])
-    expected = {
-        n
-        for n, shape in lora_engine.parameter_shapes().items()
-        if (len(shape) == 2 or n.endswith(".bias"))
-        and "embed_tokens" not in n
-        and not n.startswith("lm_head")
-    }
-    assert names == expected and len(names) == 2 * (7 + 3)  # q k v o gate up down + qkv biases, 2 layers
+def test_population_names_are_what_lowrank_trains(lora_engine):
+    names = set(lora_engine.setup_report["population_names"])
+    shapes = lora_engine.parameter_shapes()
+    expected = {n for n, shape in shapes.items() if len(shape) == 2 or n.endswith(".bias")}
+    assert names == expected
+    assert {"model.embed_tokens.weight", "model.layers.1.self_attn.v_proj.bias"} <= names
 
 
-def test_population_batch_equals_member_by_member(lora_engine):
-    ps = lora_engine.param_set(LORA_FREEZE, "lowrank", 1)
+# each kind of tensor the batch perturbs per member: LoRA adapters (matrices), bias hooks, embedding and
+# lm_head hooks (a tied embedding is perturbed in both places), and all of them at once
+@pytest.mark.parametrize(
+    "pattern", ["*", "model.layers.*_proj.weight", "*.bias", "model.embed_tokens.weight", "lm_head.weight"]
+)
+def test_population_batch_equals_member_by_member(lora_engine, pattern):
+    names = list(lora_engine.parameter_shapes())
+    if not fnmatch.filter(names, pattern):
+        pytest.skip(f"no {pattern} in this model (tied)")
+    ps = lora_engine.param_set(only(names, pattern), "lowrank", 1)
     members = [Member(11, 1), Member(11, -1), Member(12, 1), Member(13, 1)]
+    sigma = 0.05 if pattern == "*" else 0.5
     timer: dict[str, float] = {}
-    batched = lora_engine.generate_population(PROMPTS, members, ps, 0.05, 12, timer)
+    batched = lora_engine.generate_population(PROMPTS, members, ps, sigma, 12, timer)
     assert timer["noise"] > 0 and timer["generate"] > 0
     base = [g.text for g in lora_engine.generate(PROMPTS, 12)]
     texts = []
     for member, gens in zip(members, batched, strict=True):
-        ps.perturb(member, 0.05)  # the same noise materialised into the weights
+        ps.perturb(member, sigma)  # the same noise materialised into the weights
         reference = [g.text for g in lora_engine.generate(PROMPTS, 12)]
         ps.restore()
-        assert [g.text for g in gens] == reference
+        assert [g.text for g in gens] == reference, member
         texts.append(reference)
     assert any(t != base for t in texts)  # the perturbation reaches the output
     assert len({tuple(t) for t in texts}) > 1  # and differs between members
     # a second population replaces the first one's adapters; the same members give the same texts
-    again = lora_engine.generate_population(PROMPTS, members, ps, 0.05, 12)
+    again = lora_engine.generate_population(PROMPTS, members, ps, sigma, 12)
     assert [[g.text for g in gens] for gens in again] == texts
-    assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base  # weights never written
+    # plain requests see the unperturbed model: no adapter, no hooked noise, weights never written
+    assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base
 
 
-def test_population_bias_noise_alone_reaches_the_output(lora_engine, tiny32):
-    names = list(lora_engine.parameter_shapes())
-    ps = lora_engine.param_set(only(names, "*.bias"), "lowrank", 1)
-    members = [Member(21, 1), Member(21, -1), Member(22, 1)]
-    batched = lora_engine.generate_population(PROMPTS, members, ps, 0.5, 12)
-    base = [g.text for g in lora_engine.generate(PROMPTS, 12)]
-    differs = False
-    for member, gens in zip(members, batched, strict=True):
-        ps.perturb(member, 0.5)
-        reference = [g.text for g in lora_engine.generate(PROMPTS, 12)]
-        ps.restore()
-        assert [g.text for g in gens] == reference
-        differs |= reference != base
-    assert differs
-    assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base  # no noise leaks into plain requests
-
-
-def test_population_batching_refuses_what_lora_cannot_carry(lora_engine):
-    with pytest.raises(
-        ConfigError, match=r"not lm_head.weight \(and 1 more\): add --freeze '\*embed_tokens\*'"
-    ):
+def test_population_batching_refuses_what_it_cannot_perturb(lora_engine, monkeypatch):
+    report = dict(lora_engine.setup_report)
+    report["population_names"] = [n for n in report["population_names"] if "embed_tokens" not in n]
+    monkeypatch.setattr(lora_engine, "setup_report", report)
+    with pytest.raises(ConfigError, match=r"cannot perturb model.embed_tokens.weight .*--freeze PATTERN"):
         lora_engine.param_set([], "lowrank", 1)
-    ps = lora_engine.param_set(LORA_FREEZE, "lowrank", 1)
+    monkeypatch.undo()
+    ps = lora_engine.param_set([], "lowrank", 1)
     with pytest.raises(ConfigError, match="LoRA slots"):
         lora_engine.generate_population(PROMPTS, [Member(i, 1) for i in range(5)], ps, 0.05, 4)
 
@@ -380,8 +369,6 @@ def test_cli_trains_with_vllm_and_replays_bit_identically(tmp_path, tiny32, caps
     common = ["--model", str(tiny32), "--output", str(out), "--task", "conciseness", "--population", "4"]
     common += ["--max-new-tokens", "6", "--sigma", "0.05", "--alpha", "0.01", "--dtype", "float32"]
     common += ["--noise", noise]
-    if noise == "lowrank":  # members batched as LoRA adapters
-        common += [f"--freeze={p}" for p in LORA_FREEZE]
     assert main(["train", "--engine", "vllm", "--iterations", "2", "--quiet", *common]) == 0
     base = load_file(str(tiny32 / "model.safetensors"))
     final = load_file(str(out / "checkpoints" / "iter-000002" / "model.safetensors"))

@@ -232,22 +232,30 @@ class ESWorkerExtension:
 
         self._esft_hf_order = list(self._esft_views)
         self._esft_params = None
-        # 5. with LoRA enabled: the HF matrices whose layer vLLM wraps for LoRA (population batching)
-        #    (weights: carried by the adapters; biases: added per token by a hook, see _esft_bias_hooks)
-        self._esft_lora_ids: list[int] = []
-        self._esft_lora_wrapper: dict[str, torch.nn.Module] = {}  # HF name -> the LoRA layer holding it
-        self._esft_bias_noise: dict[int, dict[str, torch.Tensor]] = {}
-        self._esft_bias_handles: list[Any] = []
-        self._esft_bias_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # 5. with LoRA enabled: what a population batch perturbs per member (vllm_population.py)
+        self._esft_population = None
         if getattr(self.model_runner, "lora_manager", None) is not None:
             from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-            for key, (mod_name, attr, _) in placement.items():
+            from esft.engines.vllm_population import LoRAPopulation
+
+            logits = next((m for m in modules.values() if type(m).__name__ == "LogitsProcessor"), None)
+            lora_layers: dict[str, torch.nn.Module] = {}
+            token_layers: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+            for key, (mod_name, attr, idx) in placement.items():
+                module = modules[mod_name]
                 wrapper = modules.get(mod_name.removesuffix(".base_layer"))
                 if attr in ("weight", "bias") and isinstance(wrapper, BaseLinearLayerWithLoRA):
-                    self._esft_lora_wrapper[key] = wrapper
-        lora_names = list(self._esft_lora_wrapper)
-        self._esft_hf_dtypes = {k: str(v).removeprefix("torch.") for k, v in hf_dtypes.items()}
+                    lora_layers[key] = wrapper
+                elif attr == "weight" and idx is None and logits is not None:
+                    kind = type(module).__name__
+                    if kind == "VocabParallelEmbedding":  # a tied one is also the lm_head
+                        token_layers[key] = [("embedding", module)] + ([("logits", logits)] if tied else [])
+                    elif kind == "ParallelLMHead":
+                        token_layers[key] = [("logits", logits)]
+            self._esft_population = LoRAPopulation(
+                self.model_runner, self._esft_views, self._esft_place, lora_layers, token_layers
+            )
         return {
             "names": {k: list(v.shape) for k, v in self._esft_views.items()},
             "placement": self._esft_place,
@@ -256,7 +264,7 @@ class ESWorkerExtension:
             "cpu_gemm": cpu_gemm,
             "unmapped": sorted(self._esft_unmapped),
             "dtype": str(dtype).removeprefix("torch."),
-            "lora_names": sorted(lora_names),
+            "population_names": self._esft_population.names if self._esft_population else [],
         }
 
     @staticmethod
@@ -277,8 +285,8 @@ class ESWorkerExtension:
 
         if self._esft_params is not None and self._esft_params.perturbed:
             self.esft_restore()
-        if self._esft_lora_ids or self._esft_bias_handles:
-            self._esft_drop_population()
+        if self._esft_population is not None:
+            self._esft_population.drop()
         params = {
             n: t for n, t in self._esft_views.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)
         }
@@ -333,127 +341,12 @@ class ESWorkerExtension:
             "changed_fraction": stats.changed_fraction,
         }
 
-    def esft_lora_population(self, members: list[list[int]], sigma: float, first_id: int) -> list[int]:
-        """Register one in-memory LoRA adapter per member (ids ``first_id``, ``first_id + 1``, ...),
-        replacing the previous population's: for each trainable matrix with factors (A, B) of
-        ``esft.es.lowrank``, lora_A = B^T and lora_B = sign * sigma * A (scaling 1), so the adapter adds
-        exactly the member's perturbation sigma * sign * A B^T. Requests that name these ids find them
-        registered and never read their (placeholder) path."""
-        from vllm.lora.lora_model import LoRAModel
-        from vllm.lora.peft_helper import PEFTHelper
-
-        from esft.es.lowrank import factors, vector_noise
-
-        ps = self._esft_ps()
-        if str(ps.scheme) != "lowrank":
-            raise ValueError("LoRA population batching needs the lowrank noise scheme")
-        workers = self.model_runner.lora_manager
-        manager = workers._adapter_manager
-        self._esft_drop_population()
-        matrices = {n: t for n, t in ps.params.items() if t.ndim == 2}
-        biases = {n: t for n, t in ps.params.items() if t.ndim == 1}
-        outside = sorted(n for n in ps.params if n not in self._esft_lora_wrapper)
-        if outside:
-            raise ValueError(
-                f"LoRA population batching cannot perturb {outside[0]} (not a LoRA layer's tensor)"
-            )
-        self._esft_bias_hooks(biases)
-        zero = None
-        if not matrices:  # bias noise only: a zero adapter still gives each member its own LoRA slot
-            zero = next(n for n in self._esft_lora_wrapper if n.endswith(".weight"))
-        modules = sorted({n.removesuffix(".weight").rpartition(".")[2] for n in [*matrices, zero] if n})
-        helper = PEFTHelper.from_dict({"r": ps.rank, "lora_alpha": ps.rank, "target_modules": modules})
-        helper.validate_legal(workers.lora_config)
-        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
-        if mapper is not None:
-            mapper = mapper.get_rename_mapper()
-        for k, (seed, sign) in enumerate(members):
-            tensors: dict[str, torch.Tensor] = {}
-            for name, t in matrices.items():
-                a, b = factors(t.shape, int(seed), name, ps.rank, t.device)  # the update's exact draws
-                module = f"base_model.model.{name.removesuffix('.weight')}"
-                tensors[f"{module}.lora_A.weight"] = b.t().contiguous().cpu()
-                tensors[f"{module}.lora_B.weight"] = a.mul(float(sigma) * int(sign)).cpu()
-            if zero is not None:
-                out_f, in_f = self._esft_views[zero].shape
-                module = f"base_model.model.{zero.removesuffix('.weight')}"
-                tensors[f"{module}.lora_A.weight"] = torch.zeros(ps.rank, in_f)
-                tensors[f"{module}.lora_B.weight"] = torch.zeros(out_f, ps.rank)
-            lora = LoRAModel.from_lora_tensors(
-                int(first_id) + k,
-                tensors,
-                helper,
-                device="cpu",
-                dtype=workers.lora_config.lora_dtype,
-                weights_mapper=mapper,
-            )
-            manager.add_adapter(lora)
-            self._esft_lora_ids.append(lora.id)
-            noise: dict[str, torch.Tensor] = {}  # per hooked layer: the member's bias noise, fused rows
-            for name, t in biases.items():
-                layer = self._esft_place[name]["vllm"]
-                full = noise.setdefault(layer, torch.zeros(self._esft_bias_rows[layer], device=t.device))
-                lo, hi = self._esft_place[name]["rows"]
-                full[lo:hi] = vector_noise(t.numel(), int(seed), name, t.device).mul_(
-                    float(sigma) * int(sign)
-                )
-            self._esft_bias_noise[lora.id] = noise
-        return list(self._esft_lora_ids)
-
-    def _esft_bias_hooks(self, biases: dict[str, torch.Tensor]) -> None:
-        """Forward hooks that add each token's member's bias noise to the outputs of the LoRA layers
-        holding trainable biases (LoRA itself has no per-adapter bias). A token's member is its LoRA slot
-        (``punica_wrapper.token_lora_indices``; -1 for none) mapped to an adapter id by the manager."""
-        self._esft_drop_bias_hooks()
-        self._esft_bias_rows: dict[str, int] = {}
-        self._esft_bias_layers: dict[str, torch.nn.Module] = {}
-        for name in biases:
-            layer = self._esft_place[name]["vllm"]
-            self._esft_bias_layers[layer] = self._esft_lora_wrapper[name]
-            self._esft_bias_rows[layer] = int(self._esft_lora_wrapper[name].base_layer.bias.shape[0])
-        for layer, wrapper in self._esft_bias_layers.items():
-
-            def hook(module, inputs, output, layer=layer):
-                out = output[0] if isinstance(output, tuple) else output
-                slots = module.punica_wrapper.token_lora_indices
-                if slots.shape[0] != out.shape[0]:
-                    raise RuntimeError(
-                        f"{layer}: {out.shape[0]} output rows but {slots.shape[0]} token slots"
-                    )
-                out.add_(self._esft_bias_by_slot(layer, out.dtype)[slots])
-                return output
-
-            self._esft_bias_handles.append(wrapper.register_forward_hook(hook))
-
-    def _esft_drop_bias_hooks(self) -> None:
-        for handle in self._esft_bias_handles:
-            handle.remove()
-        self._esft_bias_handles = []
-
-    def _esft_drop_population(self) -> None:
-        """Unregister the current population's adapters and bias hooks."""
-        for lora_id in self._esft_lora_ids:
-            self.model_runner.lora_manager.remove_adapter(lora_id)
-        self._esft_lora_ids, self._esft_bias_noise, self._esft_bias_cache = [], {}, None
-        self._esft_drop_bias_hooks()
-
-    def _esft_bias_by_slot(self, layer: str, dtype: torch.dtype) -> torch.Tensor:
-        """(slots + 1, rows) bias noise of the adapter in each LoRA slot; the last row (slot -1) is zero."""
-        manager = self.model_runner.lora_manager._adapter_manager
-        key = tuple(manager.lora_index_to_id)
-        if self._esft_bias_cache is None or self._esft_bias_cache[0] != key:
-            self._esft_bias_cache = (key, {})
-        stacks = self._esft_bias_cache[1]
-        if layer not in stacks:
-            rows = self._esft_bias_rows[layer]
-            device = self._esft_bias_layers[layer].base_layer.bias.device
-            stack = torch.zeros(len(key) + 1, rows, dtype=dtype, device=device)
-            for slot, lora_id in enumerate(key):
-                noise = self._esft_bias_noise.get(lora_id, {}).get(layer) if lora_id is not None else None
-                if noise is not None:
-                    stack[slot] = noise.to(dtype)
-            stacks[layer] = stack
-        return stacks[layer]
+    def esft_population(self, members: list[list[int]], sigma: float, first_id: int) -> list[int]:
+        """Register one LoRA adapter (plus hooked noise) per (seed, sign) member, ids ``first_id``, ...,
+        replacing the previous population's (``vllm_population.LoRAPopulation``)."""
+        if self._esft_population is None:
+            raise ValueError("vLLM was started without LoRA: no population batching")
+        return self._esft_population.build(self._esft_ps(), members, float(sigma), int(first_id))
 
     def esft_state_norm(self) -> float:
         return self._esft_ps().state_norm()
@@ -654,13 +547,13 @@ class VLLMEngine:
             raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
         if noise == "lowrank" and self.population_batching:
             shapes = self.parameter_shapes()
-            lora = set(self.setup_report["lora_names"])
+            lora = set(self.setup_report["population_names"])
             other = [n for n in trainable if n not in lora and (len(shapes[n]) == 2 or n.endswith(".bias"))]
             if other:
                 raise ConfigError(
-                    "--engine vllm batches low-rank members as LoRA adapters, which perturb the decoder's "
-                    f"linear layers only, not {other[0]} (and {len(other) - 1} more): add "
-                    "--freeze '*embed_tokens*' --freeze 'lm_head*' (or use --engine hf)"
+                    "--engine vllm batches low-rank members as LoRA adapters (plus hooks for biases, "
+                    f"embedding and lm_head), which cannot perturb {other[0]} (and {len(other) - 1} more): "
+                    "freeze them with --freeze PATTERN, or use --engine hf"
                 )
         self._params = RemoteParamSet(self, freeze, noise, rank)
         return self._params
@@ -681,7 +574,7 @@ class VLLMEngine:
     ) -> list[list[Generation]]:
         """Greedy completions of ``prompts`` under each member's low-rank perturbation, one list per
         member, from one vLLM generate call in which member n's requests carry LoRA adapter n
-        (``ESWorkerExtension.esft_lora_population``); the weights are never written.
+        (``ESWorkerExtension.esft_population``); the weights are never written.
 
         ``timer["noise"]`` accumulates the time spent building the adapters, ``timer["generate"]`` the rest.
         """
@@ -701,7 +594,7 @@ class VLLMEngine:
         timer = timer if timer is not None else {}
         tic = time.perf_counter()
         ids = self._rpc(
-            "esft_lora_population",
+            "esft_population",
             [[int(m.seed), int(m.sign)] for m in members],
             float(sigma),
             self._next_lora_id,
