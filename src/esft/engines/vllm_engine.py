@@ -329,9 +329,13 @@ class ESWorkerExtension:
         self._esft_repack_layers(pristine=True)
 
     def esft_update(self, members: list[list[int]], weights: list[float], alpha: float) -> dict[str, float]:
+        import time
+
+        tic = time.perf_counter()
         stats = self._esft_ps().update(
             [Member(int(s), int(g)) for s, g in members], [float(w) for w in weights], float(alpha)
         )
+        mid = time.perf_counter()
         self._esft_repack_layers(pristine=False)  # the new weights are the new pristine ones
         for name in self._esft_repack:
             self._esft_pristine_handlers[name] = self._esft_gemm[name].handler
@@ -339,6 +343,8 @@ class ESWorkerExtension:
             "update_norm": stats.update_norm,
             "param_norm": stats.param_norm,
             "changed_fraction": stats.changed_fraction,
+            "update_s": mid - tic,  # profile: the ParamSet update, then repacking the changed GEMMs
+            "repack_s": time.perf_counter() - mid,
         }
 
     def esft_population(self, members: list[list[int]], sigma: float, first_id: int) -> list[int]:
