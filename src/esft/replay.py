@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from esft.checkpoint import iter_tensors, tensor_names
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
@@ -44,13 +45,15 @@ def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[
     return engine, config
 
 
-def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool, float]:
-    """(bit-identical, max abs difference) over the common parameter names."""
-    if set(a) != set(b):
+def compare_weights(a: dict[str, torch.Tensor], b: str | Path) -> tuple[bool, float]:
+    """(bit-identical, max abs difference) of the tensors ``a`` and those of the checkpoint folder ``b``,
+    read from its safetensors one tensor at a time (no model is built). Different names, shapes or
+    dtypes give (False, inf)."""
+    if set(a) != tensor_names(b):
         return False, float("inf")
     identical, worst = True, 0.0
-    for name in a:
-        x, y = a[name], b[name]
+    for name, y in iter_tensors(b):
+        x = a[name].detach().cpu()
         if x.shape != y.shape or x.dtype != y.dtype:
             return False, float("inf")
         if not torch.equal(x, y):

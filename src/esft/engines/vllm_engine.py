@@ -28,7 +28,7 @@ applies, and seed logs replay across the two engines. ``save`` writes Hugging Fa
 from __future__ import annotations
 
 import fnmatch
-import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from esft.checkpoint import safetensors_files
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
 from esft.engines.hf import resolve_dtype
 from esft.errors import ConfigError, ModelError
@@ -83,17 +84,6 @@ def _onednn_available() -> bool:
     return bool(getattr(ops, "_supports_onednn", False))
 
 
-def _checkpoint_files(model_path: Path) -> list[Path]:
-    index = model_path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_path / s for s in shards]
-    files = sorted(model_path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors checkpoint in {model_path}")
-    return files
-
-
 class ESWorkerExtension:
     """Mixed into vLLM's worker class; every public method is an ``esft_*`` collective_rpc target.
 
@@ -118,13 +108,12 @@ class ESWorkerExtension:
         shard_of = {s: (fused, i) for fused, shards in packed.items() for i, s in enumerate(shards)}
         modules = dict(model.named_modules())
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        files = _checkpoint_files(self._esft_model_path)
+        files = safetensors_files(self._esft_model_path)
 
         # 1. where each checkpoint tensor goes: (vLLM module, param attr, shard index)
         placement: dict[str, tuple[str, str, int | None]] = {}
         self._esft_unmapped: dict[str, tuple[str, str]] = {}  # HF name -> (file, key) saved as loaded
         hf_shapes: dict[str, tuple[int, ...]] = {}
-        hf_dtypes: dict[str, torch.dtype] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
@@ -190,7 +179,6 @@ class ESWorkerExtension:
             # fill the rebuilt tensors from the checkpoint; check the ones vLLM kept against it
             for _, key in members:
                 src = self._esft_read(key, files)
-                hf_dtypes[key] = src.dtype
                 view = self._esft_views[key]
                 if fill:
                     view.copy_(src.to(view.dtype))
@@ -374,7 +362,7 @@ class ESWorkerExtension:
         out: dict[str, torch.Tensor] = {}
         for name, view in self._esft_views.items():
             out[name] = view.detach().clone().contiguous()
-        files = _checkpoint_files(self._esft_model_path)
+        files = safetensors_files(self._esft_model_path)
         for name in self._esft_unmapped:
             if name == "lm_head.weight":
                 continue  # tied: transformers rebuilds it from the embedding
@@ -460,6 +448,10 @@ class VLLMEngine:
         lora_population: int = 0,
         lora_rank: int = 1,
     ) -> None:
+        # vLLM logs every start-up step at INFO; esft's own progress output is what users read. Set
+        # VLLM_LOGGING_LEVEL=INFO to see vLLM's (takes effect where vLLM is not imported yet: always in
+        # its engine-core and worker processes).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             import vllm  # noqa: F401
             from vllm import LLM
