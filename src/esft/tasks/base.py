@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from esft.errors import EsftError
+
 RewardFn = Callable[..., list[float | None]]
 
 
@@ -135,6 +137,8 @@ def _call_reward(fn: RewardFn, prompts, completions, columns) -> tuple[list[floa
             raise ValueError("reward function returned the wrong number of values")
         cleaned = [_clean(v) for v in raw]
         return [v for v, _ in cleaned], sum(not ok for _, ok in cleaned)
+    except EsftError:
+        raise  # the user must change something (e.g. install the sandbox): never hidden as a failure
     except Exception:
         pass
     values, failures = [], 0
@@ -144,6 +148,8 @@ def _call_reward(fn: RewardFn, prompts, completions, columns) -> tuple[list[floa
                 prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()}
             )
             v, ok = _clean(raw[0])
+        except EsftError:
+            raise
         except Exception:
             v, ok = 0.0, False
         values.append(v)

@@ -4,15 +4,19 @@
 thinks in <think> tags and answers in <answer> tags; the reward is the generator's own
 ``score_answer`` on the last <answer> (weight 1) plus 0.1 x the format score used for Countdown.
 
+Several of reasoning-gym's graders evaluate the answer text (``eval``, sympy's ``parse_expr``), so
+model text reaching them is model code: every grader call runs in :mod:`esft.sandbox` (bubblewrap),
+one forked process per answer, and these tasks refuse to load without it.
+
 ``sudoku`` is the paper's 4x4 Mini Sudoku (Qiu et al. 2025, appendix): reasoning-gym's ``mini_sudoku``
 puzzles with fixed-seed, disjoint train/test splits (paper: 800/200) and the same reward layout.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+from esft import sandbox
 from esft.errors import ConfigError
 from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
 from esft.tasks.countdown import PREFILL, SYSTEM  # the same think/answer prompt style
@@ -24,19 +28,64 @@ INSTRUCTION = (
 )
 
 
-@functools.cache
-def _scorer(dataset: str):
-    import reasoning_gym
+# reasoning-gym's graders are not ours, and several evaluate the answer text (eval, sympy's
+# parse_expr): every grader call runs in the sandbox (esft.sandbox), never in this process.
+RG = sandbox.Profile("reasoning_gym", packages=("reasoning_gym",), preload=("reasoning_gym",))
+LIMITS = sandbox.Limits(timeout_s=10.0, cpu_s=5, memory_mb=1024)
+_PREPARE = """
+import math
+import reasoning_gym
+SCORERS = {}
 
-    return reasoning_gym.get_score_answer_fn(dataset)
+def __esft_rg_score(name, answer, entry):
+    if name == "composite":  # graded by the dataset the entry came from
+        name = entry["metadata"]["source_dataset"]
+    if name not in SCORERS:
+        SCORERS[name] = reasoning_gym.get_score_answer_fn(name)
+    score = float(SCORERS[name](answer, entry))
+    return score if math.isfinite(score) else 0.0
+"""
+
+
+def _warm(dataset: str) -> str:
+    """Host-written code that builds ``dataset``'s grader once in the sandbox's PID 1, before jobs fork."""
+    return f"SCORERS[{dataset!r}] = reasoning_gym.get_score_answer_fn({dataset!r})\n"
+
+
+def score_answers(dataset: str, answers: list[str | None], entries: list[dict]) -> list[float]:
+    """reasoning-gym's own score for each answer, each graded in its own sandboxed process; 0 for a
+    missing answer or one whose grading fails, times out or returns a non-number."""
+    pool = sandbox.pool(RG)
+    pool.prepare(_PREPARE)
+    if dataset != "composite":
+        pool.prepare(_warm(dataset))
+    jobs = [
+        (None, "__esft_rg_score", [dataset, a, e])
+        for a, e in zip(answers, entries, strict=True)
+        if a is not None
+    ]
+    results = iter(pool.run_many(jobs, LIMITS))
+    out = []
+    for a in answers:
+        if a is None:
+            out.append(0.0)
+            continue
+        r = next(results)
+        ok = r.ok and isinstance(r.value, int | float) and not isinstance(r.value, bool)
+        out.append(min(max(float(r.value), 0.0), 1.0) if ok else 0.0)
+    return out
 
 
 def rg_answer_reward(prompts, completions, rg_dataset, rg_entry, **kwargs) -> list[float]:
-    """reasoning-gym's own score of the last <answer> (TRL signature)."""
-    out = []
-    for c, name, entry in zip(completions, rg_dataset, rg_entry, strict=True):
-        answer = last_answer_tag(completion_text(c))
-        out.append(0.0 if answer is None else float(_scorer(name)(answer, entry)))
+    """reasoning-gym's own score of the last <answer>, graded in the sandbox (TRL signature)."""
+    answers = [last_answer_tag(completion_text(c)) for c in completions]
+    out = [0.0] * len(answers)
+    for name in dict.fromkeys(rg_dataset):
+        idx = [i for i, n in enumerate(rg_dataset) if n == name]
+        for i, v in zip(
+            idx, score_answers(name, [answers[i] for i in idx], [rg_entry[i] for i in idx]), strict=True
+        ):
+            out[i] = v
     return out
 
 
@@ -109,9 +158,11 @@ def load_rg(
         close = sorted(n for n in factory.DATASETS if dataset[:4] in n)[:5]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"reasoning-gym has no dataset {dataset!r}{hint}")
+    sandbox.require_sandbox(RG)  # graders may evaluate model text: refuse to start without isolation
     return _task(f"rg:{dataset}", dataset, seed, train_size, test_size, config)
 
 
 def load_sudoku(seed: int = 42, train_size: int = 800, test_size: int = 200) -> Task:
     """4x4 Mini Sudoku (paper: 800 train / 200 test). Options: ``seed``, ``train_size``, ``test_size``."""
+    sandbox.require_sandbox(RG)
     return _task("sudoku", "mini_sudoku", seed, train_size, test_size, None)
