@@ -3,6 +3,8 @@ import pytest
 from esft.tasks import load_task
 from esft.tasks.arc import extract_code
 
+pytestmark = pytest.mark.usefixtures("needs_bwrap")  # graders/programs run in the sandbox
+
 
 @pytest.fixture(scope="module")
 def task():

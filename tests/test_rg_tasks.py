@@ -3,6 +3,8 @@ import pytest
 from esft.errors import ConfigError
 from esft.tasks import load_task
 
+pytestmark = pytest.mark.usefixtures("needs_bwrap")  # graders/programs run in the sandbox
+
 
 def _wrap(answer: str) -> str:
     return f" reasoning </think>\n<answer>{answer}</answer>"
