@@ -16,10 +16,14 @@ folder and renamed into place, so a crash never leaves a half-written checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,44 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._lock_fd: int | None = None
+
+    # one writer per run folder
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    def lock(self) -> None:
+        """Take the run folder's writer lock (an OS file lock: released when this process exits or is
+        killed, so a killed run can be resumed at once). A second writer gets a one-line ConfigError
+        naming the holder."""
+        if self._lock_fd is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+                holder = f" by pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')})"
+            os.close(fd)
+            raise ConfigError(
+                f"{self.root} is in use{holder}: one process writes a run folder at a time; wait for "
+                "it to finish or stop it, then --resume"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     # paths
     @property

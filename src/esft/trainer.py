@@ -217,11 +217,16 @@ class ESTrainer:
         output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}"
         self.store = RunStore(output)
         self.resume = resume
-        self._check_run_folder()
-        # Fail on a bad dataset or model now, before anything is written to the run folder.
-        if not self.task.train:
-            raise ConfigError(f"task {self.task.name!r} has an empty train split")
-        self.model_path = resolve_model(config.model)
+        self.store.lock()  # before looking at the folder: a second writer stops here
+        try:
+            self._check_run_folder()
+            # Fail on a bad dataset or model now, before anything is written to the run folder.
+            if not self.task.train:
+                raise ConfigError(f"task {self.task.name!r} has an empty train split")
+            self.model_path = resolve_model(config.model)
+        except BaseException:
+            self.store.unlock()
+            raise
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -253,6 +258,13 @@ class ESTrainer:
     # -- main loop --------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        self.store.lock()
+        try:
+            return self._train()
+        finally:
+            self.store.unlock()
+
+    def _train(self) -> TrainResult:
         cfg, store, task = self.config, self.store, self.task
         start, engine, params = self._load_state(self.model_path)
         store.write_config({**cfg.to_dict(), "model_path": self.model_path})
