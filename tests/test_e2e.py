@@ -241,3 +241,58 @@ def test_every_task_trains_and_evaluates(tiny_model, tmp_path, task, options, re
         == 0
     )
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2
+
+
+def test_keep_checkpoints_drops_old_ones_but_pinned(tiny_model, straight_run, tmp_path):
+    out = tmp_path / "kept"
+    extra = ("--checkpoint-every", "1", "--keep-checkpoints", "2", "--pin-checkpoints", "1")
+    assert train(tiny_model, out, 4, *extra) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "iter-000001",
+        "iter-000003",
+        "iter-000004",
+    ]
+    assert all(torch.equal(v, weights(straight_run / "checkpoints" / "iter-000004")[k])
+               for k, v in weights(out / "checkpoints" / "iter-000004").items())  # fmt: skip
+    # a dropped iteration is rebuilt from the seed log
+    assert main(["replay", "--run", str(out), "--iteration", "2", "--quiet"]) == 0
+    assert all(torch.equal(v, weights(straight_run / "checkpoints" / "iter-000002")[k])
+               for k, v in weights(out / "replay" / "iter-000002").items())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+    ],
+    ids=["oserror", "safetensors"],
+)
+def test_full_disk_is_a_one_line_error_and_resume_finishes(
+    tiny_model, straight_run, tmp_path, monkeypatch, capsys, failure
+):
+    from esft.engines.hf import HFEngine
+
+    real_save = HFEngine.save
+
+    def save(self, path):
+        real_save(self, path)  # half-written: the files exist when the disk fills up
+        if "iter-000003" in str(path):
+            raise failure
+
+    monkeypatch.setattr(HFEngine, "save", save)
+    out = tmp_path / "full"
+    capsys.readouterr()
+    assert train(tiny_model, out, 4, "--checkpoint-every", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no space left" in err and "--resume" in err
+    assert "seed log through iteration 3" in err and "newest checkpoint 2" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000001", "iter-000002"]
+    monkeypatch.setattr(HFEngine, "save", real_save)
+    assert train(tiny_model, out, 4, "--checkpoint-every", "1", "--resume") == 0
+    final = weights(out / "checkpoints" / "iter-000004")
+    assert all(
+        torch.equal(v, weights(straight_run / "checkpoints" / "iter-000004")[k]) for k, v in final.items()
+    )

@@ -55,6 +55,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             )
         elif f.name == "freeze":
             p.add_argument(flag, action="append", metavar="PATTERN", help=help_text)
+        elif f.name == "pin_checkpoints":
+            p.add_argument(flag, type=int, nargs="+", metavar="ITER", help=help_text)
         elif f.type in ("bool",):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type in ("int", "int | None"):

@@ -71,6 +71,11 @@ class ESConfig:
     """Run folder; None makes runs/<time>-<task>."""
     checkpoint_every: int = 10
     """Save an HF-format checkpoint every K iterations (and always at the end); 0 = only at the end."""
+    keep_checkpoints: int = 3
+    """Keep the newest K checkpoints (plus pinned ones) and delete older ones; 0 keeps all. Any
+    dropped iteration can be rebuilt from the base model and the seed log (esft replay)."""
+    pin_checkpoints: list[int] = field(default_factory=list)
+    """Iterations whose checkpoints are never deleted by keep_checkpoints (e.g. 100 200)."""
     eval_every: int = 0
     """Evaluate on the test split before training, every K iterations and at the end; 0 = never."""
     eval_limit: int = 0
@@ -138,7 +143,12 @@ class ESConfig:
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"batch_size must be an integer >= 1, got {self.batch_size!r}",
         )
-        for name in ("checkpoint_every", "eval_every", "eval_limit"):
+        need(
+            isinstance(self.pin_checkpoints, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in self.pin_checkpoints),
+            f"pin_checkpoints must be a list of iterations >= 1, got {self.pin_checkpoints!r}",
+        )
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_limit"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
         need(

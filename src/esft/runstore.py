@@ -17,6 +17,7 @@ folder and renamed into place, so a crash never leaves a half-written checkpoint
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,7 +31,20 @@ from typing import Any
 
 import yaml
 
-from esft.errors import ConfigError
+from esft.errors import ConfigError, EsftError
+
+
+class DiskFullError(EsftError):
+    """The disk of the run folder is full; what was saved is intact."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or wrapped by a library (safetensors reports a Rust IoError)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
 
 CHECKPOINT_RE = re.compile(r"^iter-(\d{6,})$")
 CHECKPOINT_MARKER = "esft_checkpoint.json"
@@ -180,16 +194,34 @@ class RunStore:
         final = self.checkpoint_dir(iteration)
         tmp = self.checkpoint_root / f".tmp-iter-{iteration:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write(tmp)
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"iteration": iteration, **info}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+            (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"iteration": iteration, **info}, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         return final
+
+    def prune_checkpoints(self, keep: int, pinned: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Delete all but the newest ``keep`` checkpoints and the ``pinned`` ones (keep=0: keep all);
+        returns the dropped iterations. The newest is always kept: resume starts from it."""
+        ckpts = self.checkpoints()
+        if keep <= 0 or len(ckpts) <= keep:
+            return []
+        newest = sorted(ckpts)[-keep:]
+        dropped = [i for i in ckpts if i not in newest and i not in set(pinned)]
+        for i in dropped:
+            # drop the completion marker first: a crash mid-delete leaves a folder resume ignores
+            (ckpts[i] / CHECKPOINT_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(ckpts[i], ignore_errors=True)
+        return dropped
 
     def clean_temp(self) -> None:
         if self.checkpoint_root.is_dir():

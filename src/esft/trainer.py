@@ -29,18 +29,19 @@ from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_member
 from esft.es.lowrank import lowrank_trainable
 from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
-from esft.runstore import RunStore
+from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 
 # Settings a resumed run may change; anything else would change the trajectory.
 RESUMABLE = {
     "iterations",
     "checkpoint_every",
+    "keep_checkpoints",
+    "pin_checkpoints",
     "eval_every",
     "eval_limit",
     "eval_split",
     "output",
-    "batch_size",
 }
 
 
@@ -261,8 +262,23 @@ class ESTrainer:
         self.store.lock()
         try:
             return self._train()
+        except Exception as e:
+            if is_disk_full(e):
+                raise DiskFullError(self._disk_full_message()) from None
+            raise
         finally:
             self.store.unlock()
+
+    def _disk_full_message(self) -> str:
+        store = self.store
+        log = store.seedlog()
+        ckpts = store.checkpoints()
+        saved = f"seed log through iteration {log[-1]['iteration']}" if log else "no iterations logged"
+        saved += f", newest checkpoint {max(ckpts)}" if ckpts else ", no checkpoint"
+        return (
+            f"no space left on the disk of {store.root} ({saved}, both intact); free space or lower "
+            f"--keep-checkpoints, then continue with: esft train --output {store.root} --resume"
+        )
 
     def _train(self) -> TrainResult:
         cfg, store, task = self.config, self.store, self.task
@@ -378,10 +394,15 @@ class ESTrainer:
         return done, engine, params
 
     def _checkpoint(self, engine: Engine, t: int) -> None:
-        path = self.store.save_checkpoint(
-            t, engine.save, {"base_model": self.config.model or "embedded default"}
-        )
+        cfg = self.config
+        path = self.store.save_checkpoint(t, engine.save, {"base_model": cfg.model or "embedded default"})
         self._log(f"checkpoint: {path}")
+        dropped = self.store.prune_checkpoints(cfg.keep_checkpoints, cfg.pin_checkpoints)
+        if dropped:
+            self._log(
+                f"dropped checkpoint {', '.join(map(str, dropped))} (--keep-checkpoints {cfg.keep_checkpoints}; "
+                "esft replay rebuilds any iteration from the seed log)"
+            )
 
     def _evaluate(self, engine: Engine, t: int, tb) -> dict[str, Any]:
         cfg = self.config
