@@ -296,3 +296,40 @@ def test_full_disk_is_a_one_line_error_and_resume_finishes(
     assert all(
         torch.equal(v, weights(straight_run / "checkpoints" / "iter-000004")[k]) for k, v in final.items()
     )
+
+
+def test_environment_is_recorded_and_a_change_refuses_resume_and_replay(tiny_model, tmp_path, capsys):
+    out = tmp_path / "env"
+    assert train(tiny_model, out, 1) == 0
+    env = json.loads((out / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["engine"] == "hf"
+    assert env["torch"] == torch.__version__ and env["model_fingerprint"].startswith("sha256:")
+    assert env["transformers"]
+    for field, value, command in [
+        ("torch", "0.0.1", ["train", "--output", str(out), "--iterations", "2", "--resume", "--quiet"]),
+        ("device", "cuda", ["replay", "--run", str(out), "--iteration", "1", "--quiet"]),
+        (
+            "model_fingerprint",
+            "sha256:other",
+            ["train", "--output", str(out), "--iterations", "2", "--resume", "--quiet"],
+        ),
+    ]:
+        changed = {**env, field: value}
+        (out / "environment.json").write_text(json.dumps(changed))
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert field in err and value in err and "--allow-environment-change" in err and "\n" not in err
+        assert main([*command, "--allow-environment-change"]) == 0
+    # the weights file itself is part of the fingerprint
+    weights_file = next(tiny_model.glob("*.safetensors"))
+    from esft.environment import model_fingerprint
+
+    before = model_fingerprint(str(tiny_model))
+    copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model, copy)
+    assert model_fingerprint(str(copy)) == before
+    data = bytearray((copy / weights_file.name).read_bytes())
+    data[-1] ^= 1
+    (copy / weights_file.name).write_bytes(bytes(data))
+    assert model_fingerprint(str(copy)) != before

@@ -120,7 +120,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             "Qwen2.5-Coder-0.5B-Instruct (about 10 minutes on 2 CPU cores). See `esft train --help`.",
             flush=True,
         )
-    trainer = ESTrainer(config, resume=args.resume, progress=not args.quiet)
+    trainer = ESTrainer(
+        config,
+        resume=args.resume,
+        progress=not args.quiet,
+        allow_environment_change=args.allow_environment_change,
+    )
     try:
         result = trainer.train()
     except KeyboardInterrupt:
@@ -225,7 +230,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from esft.runstore import RunStore
 
     store = RunStore(args.run)
-    engine, _ = replay(args.run, args.iteration, progress=not args.quiet)
+    engine, _ = replay(
+        args.run,
+        args.iteration,
+        progress=not args.quiet,
+        allow_environment_change=args.allow_environment_change,
+    )
     out = Path(args.output) if args.output else store.root / "replay" / f"iter-{args.iteration:06d}"
     engine.save(out)
     print(f"replayed iteration {args.iteration} from the base model and the seed log: {out}")
@@ -295,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with ES (no arguments: the quickstart)")
     p.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
+    p.add_argument(
+        "--allow-environment-change",
+        action="store_true",
+        help="resume although device, dtype, library versions, GPU or base weights changed (not bit-identical)",
+    )
     p.add_argument("--data", help="dataset file for the task (shortcut for --task-option data_file=FILE)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-iteration lines")
     _add_config_flags(p)
@@ -353,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="rebuild an iteration's weights from the base model and the seed log")
     p.add_argument("--run", required=True, help="run folder")
+    p.add_argument(
+        "--allow-environment-change",
+        action="store_true",
+        help="replay although device, dtype, torch, GPU or base weights changed (not bit-identical)",
+    )
     p.add_argument("--iteration", type=int, required=True, help="iteration to rebuild")
     p.add_argument("--output", help="folder for the rebuilt model (default RUN/replay/iter-T)")
     p.add_argument("--quiet", action="store_true")

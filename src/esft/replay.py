@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from esft import environment
 from esft.checkpoint import iter_tensors, tensor_names
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
@@ -21,8 +22,12 @@ from esft.runstore import RunStore
 from esft.trainer import apply_seedlog, es_params
 
 
-def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[Engine, ESConfig]:
-    """An engine holding the weights of ``iteration`` of the run in ``run_dir``, rebuilt from the base."""
+def replay(
+    run_dir: str | Path, iteration: int, progress: bool = True, allow_environment_change: bool = False
+) -> tuple[Engine, ESConfig]:
+    """An engine holding the weights of ``iteration`` of the run in ``run_dir``, rebuilt from the base.
+    Refuses (one-line ConfigError) if the device, dtype, torch version, GPU or base weights differ from
+    the run's ``environment.json``, unless ``allow_environment_change``."""
     store = RunStore(run_dir)
     saved = store.read_config()
     config = ESConfig.from_dict(
@@ -39,6 +44,9 @@ def replay(run_dir: str | Path, iteration: int, progress: bool = True) -> tuple[
     engine = build_engine(
         "hf", model_path, dtype=config.dtype, device=config.device, batch_size=config.batch_size
     )
+    if not allow_environment_change:
+        now = environment.describe(engine, "hf", model_path)
+        environment.check(environment.read(store.root), now, environment.REPLAY_CHECKED, "esft replay")
     params = es_params(engine, config.freeze, config.noise, config.rank)
     for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):
         apply_seedlog(params, [entry])

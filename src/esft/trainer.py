@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from esft import environment
 from esft.config import ESConfig
 from esft.engines import Engine, Generation, build_engine
 from esft.errors import ConfigError
@@ -210,8 +211,10 @@ class ESTrainer:
         resume: bool = False,
         progress: bool = True,
         task: Task | None = None,
+        allow_environment_change: bool = False,
     ) -> None:
         self.config = config
+        self.allow_environment_change = allow_environment_change
         self.progress = progress
         self.task = task or load_task(config.task, reward=config.reward, **config.task_options)
         self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
@@ -379,6 +382,10 @@ class ESTrainer:
         ckpts = {i: p for i, p in store.checkpoints().items() if i <= done}
         base_iter = max(ckpts) if ckpts else 0
         engine = self._build_engine(str(ckpts[base_iter]) if base_iter else model_path)
+        env_now = environment.describe(engine, cfg.engine, model_path)
+        if self.resume and not self.allow_environment_change:
+            environment.check(environment.read(store.root), env_now, environment.CHECKED, "--resume")
+        environment.write(store.root, env_now)
         params = es_params(engine, cfg.freeze, cfg.noise, cfg.rank)
         if self.resume:
             store.truncate_logs(done)

@@ -1,0 +1,124 @@
+"""What a run's numbers depend on besides its config: recorded at the start, checked on resume/replay.
+
+Resume and replay are bit-identical only on the same hardware, backend and library versions (CPU and
+CUDA draw different noise from the same seed; kernels differ across torch versions and GPUs; other
+weights are another model). ``RUN/environment.json`` records the resolved device and dtype, the engine,
+torch / transformers / vLLM versions, the GPU name and a fingerprint of the model's weight files;
+``esft train --resume`` and ``esft replay`` refuse a change in any of them with a one-line error that
+names it (``--allow-environment-change`` overrides, for a run that need not be bit-identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from esft.errors import ConfigError
+
+FILENAME = "environment.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+# Fields that change noise or numerics. `engine` and `vllm` are left out of replay's check: replay
+# always runs the HF engine, which draws the same noise as the vLLM engine (docs/vllm.md).
+CHECKED = ("device", "dtype", "engine", "torch", "transformers", "vllm", "gpu", "model_fingerprint")
+REPLAY_CHECKED = ("device", "dtype", "torch", "gpu", "model_fingerprint")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _device_kind(device: Any) -> str:
+    return str(device).split(":")[0]
+
+
+def model_fingerprint(model_path: str) -> str:
+    """sha256 over the model folder's weight files (names, sizes, contents); a hub id that is not a
+    local folder is recorded by name. Cached by (path, size, mtime) so a 7B model is hashed once."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"id:{model_path}"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    from esft.models import cache_dir
+
+    cache_file = cache_dir() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    outer = hashlib.sha256()
+    changed = False
+    for p in files:
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = cache.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 24), b""):
+                    h.update(block)
+            digest = cache[key] = h.hexdigest()
+            changed = True
+        outer.update(f"{p.name}:{st.st_size}:{digest}\n".encode())
+    if changed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # the fingerprint is still right; it is only recomputed next time
+    return "sha256:" + outer.hexdigest()
+
+
+def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
+    """The environment of a run about to use ``engine`` on ``model_path``."""
+    import torch
+
+    device = getattr(engine, "device", "cpu")
+    gpu = None
+    if _device_kind(device) == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(str(device)))
+    return {
+        "device": _device_kind(device),
+        "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
+        "engine": engine_name,
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "vllm": _version("vllm") if engine_name == "vllm" else None,
+        "gpu": gpu,
+        "model_fingerprint": model_fingerprint(model_path),
+    }
+
+
+def write(run_dir: str | Path, env: dict[str, Any]) -> None:
+    path = Path(run_dir) / FILENAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(env, indent=1))
+    tmp.replace(path)
+
+
+def read(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check(recorded: dict[str, Any] | None, now: dict[str, Any], fields: tuple[str, ...], what: str) -> None:
+    """Raise a one-line ConfigError if any of ``fields`` differs between ``recorded`` and ``now``."""
+    if recorded is None:
+        return  # a run from before environments were recorded: nothing to compare
+    changed = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in fields if recorded.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(
+            f"{what}: {'; '.join(changed)} since the run started, so the result would not be bit-identical; "
+            "use the original environment, or pass --allow-environment-change to accept that"
+        )
