@@ -49,7 +49,7 @@ def host(tmp_path_factory):
     unix.bind(str(unix_path))
     unix.listen(8)
     abstract = socket.socket(socket.AF_UNIX)
-    abstract.bind("\0esft-test-abstract")
+    abstract.bind(f"\0esft-test-abstract-{os.getpid()}")  # unique: other test runs share the namespace
     abstract.listen(8)
     connections: list = []
 
@@ -235,7 +235,7 @@ HOSTILE = [
     ),
     (
         "abstract socket",
-        "import socket\ndef transform(g):\n    s = socket.socket(socket.AF_UNIX)\n    s.connect('\\0esft-test-abstract')\n    return g\n",
+        "import socket\ndef transform(g):\n    s = socket.socket(socket.AF_UNIX)\n    s.connect('\\0esft-test-abstract-{pytest_pid}')\n    return g\n",
     ),
     (
         "urllib",
