@@ -343,14 +343,19 @@ def test_job_runs_unprivileged_without_network_or_host_view():
         "import os\n"
         "def transform(g):\n"
         "    return [os.getuid(), os.geteuid(), os.getgid(), sorted(os.listdir('/')), os.path.exists('/proc/1'),\n"
-        "            open('/proc/self/status').read() if os.path.exists('/proc/self/status') else '']\n"
+        "            sorted(os.listdir('/tmp')) if os.path.isdir('/tmp') else []]\n"
     )
     result, _ = run(code)
     assert result.ok, result.error
-    uid, euid, gid, top, proc, _ = result.value
+    uid, euid, gid, top, proc, tmp = result.value
     assert uid != 0 and euid != 0 and gid != 0
     assert not proc
-    assert "home" not in top and "proc" not in top and "tmp" not in top
+    assert "home" not in top and "proc" not in top
+    # /tmp exists inside only as the way to bound folders (e.g. a venv under /tmp), never the host's
+    binds, _ = sandbox._package_paths(sandbox.ARC.packages)
+    system, _ = sandbox._system_binds()
+    leading = {Path(p).parts[2] for p in [*binds, *(b for (b,) in system)] if p.startswith("/tmp/")}
+    assert set(tmp) <= leading
 
 
 def test_run_many_keeps_order_and_isolates_failures():
