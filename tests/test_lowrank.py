@@ -132,3 +132,30 @@ def test_layers_other_than_linear_and_embedding_are_refused():
     params = ParamSet(dict(model.named_parameters()), scheme="lowrank")
     with pytest.raises(ConfigError, match="raw"):
         PopulationHooks(model, params)
+
+
+def test_a_perturbation_hook_that_never_runs_is_an_error():
+    """A forward that reads a layer's weight without calling the layer (as LoRA wrappers do with
+    base_layer.forward) skips its hook: members would generate without that noise. It must raise."""
+
+    class Bypass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.other = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x) + nn.functional.linear(x, self.other.weight, self.other.bias)
+
+    model = Bypass()
+    params = ParamSet(dict(model.named_parameters()), scheme="lowrank", rank=1)
+    members = [Member(1, 1), Member(2, 1)]
+    with PopulationHooks(model, params) as hooks:
+        hooks.prepare(members, 0.1, torch.float32)
+        model(torch.ones(2, 3))
+        with pytest.raises(RuntimeError, match="other"):
+            hooks.check_fired()
+        hooks.prepare(members, 0.1, torch.float32)
+        model.lin(torch.ones(2, 3))
+        model.other(torch.ones(2, 3))
+        hooks.check_fired()  # both ran

@@ -139,6 +139,7 @@ class HFEngine:
                 # member-major rows; several members fit one batch, a lone member's prompts may span
                 # several (the hooks need each batch to hold whole members, or rows of one member)
                 gens = self._generate_texts(texts * len(chunk), max_new_tokens, raw)
+                hooks.check_fired()
                 end = time.perf_counter()
                 timer["noise"] = timer.get("noise", 0.0) + mid - tic
                 timer["generate"] = timer.get("generate", 0.0) + end - mid

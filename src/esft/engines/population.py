@@ -54,12 +54,14 @@ class PopulationHooks:
         self.n = 0
         self.noise: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
+        self._fired: set[int] = set()  # indices into targets whose hook ran since prepare()
 
     @torch.no_grad()
     def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
         """Draw the factors of ``members`` (sigma folded into A) for the next generate call."""
         self.n = len(members)
         self.noise = {}
+        self._fired = set()
         for name, t in self.params.params.items():
             if t.ndim == 2:
                 a, b = stacked_factors(t.shape, members, name, self.params.rank, t.device)
@@ -68,10 +70,29 @@ class PopulationHooks:
                 self.noise[name] = (stacked_vectors(t.numel(), members, name, t.device) * sigma).to(dtype)
 
     def __enter__(self) -> PopulationHooks:
-        for module, kind, w, b in self.targets:
+        for i, (module, kind, w, b) in enumerate(self.targets):
             hook = self._linear_hook(w, b) if kind == "linear" else self._embedding_hook(w)
-            self._handles.append(module.register_forward_hook(hook))
+            self._handles.append(module.register_forward_hook(self._recording(i, hook)))
         return self
+
+    def _recording(self, index: int, hook):
+        def run(module, args, out):
+            self._fired.add(index)
+            return hook(module, args, out)
+
+        return run
+
+    def check_fired(self) -> None:
+        """Raise if a perturbed layer's hook did not run since ``prepare()``: its forward bypassed the
+        module the hook sits on, so members generated without that noise while the update applies it."""
+        missed = [self.targets[i] for i in range(len(self.targets)) if i not in self._fired]
+        if missed:
+            module, _, w, b = missed[0]
+            raise RuntimeError(
+                f"population batching: the hook for {w or b} ({type(module).__name__}) did not run "
+                f"(and {len(missed) - 1} more): the model's forward bypasses it, so members would "
+                "generate without that noise; freeze those parameters or use another --noise"
+            )
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
