@@ -289,10 +289,59 @@ def test_freezing_everything_is_a_config_error(engine):
 # -- low-rank population batching (members as LoRA adapters) -----------------------------------------
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def lora_engine(request, tiny32, tiny32_tied):
+def build_vllm_arch(path: Path, arch: str, tie: bool) -> Path:
+    """A tiny randomly initialised Llama or Qwen3 (head_dim 32) with conftest's tokenizer. vLLM
+    declares embedding_modules for these architectures, so with LoRA enabled it wraps the embedding
+    and the logits processor (unlike Qwen2): the population hooks must sit on the wrappers."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    build_tiny_model(path, tie=tie)
+    base = AutoConfig.from_pretrained(path)
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[arch]
+    config = config_cls(
+        vocab_size=base.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(2)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    (path / "config.json").unlink()
+    model.save_pretrained(path)
+    return path
+
+
+ARCHS = ["qwen2-untied", "qwen2-tied", "llama-untied", "llama-tied", "qwen3-untied", "qwen3-tied"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lora_engine(request, tiny32, tiny32_tied, tmp_path_factory):
+    arch, tie = request.param.split("-")
+    if arch == "qwen2":
+        model = tiny32 if tie == "untied" else tiny32_tied
+    else:
+        model = build_vllm_arch(tmp_path_factory.mktemp(request.param) / "model", arch, tie == "tied")
     e = VLLMEngine(
-        tiny32 if request.param == "untied" else tiny32_tied,
+        model,
         dtype="float32",
         device="cpu",
         batch_size=16,
@@ -309,7 +358,7 @@ def test_population_names_are_what_lowrank_trains(lora_engine):
     shapes = lora_engine.parameter_shapes()
     expected = {n for n, shape in shapes.items() if len(shape) == 2 or n.endswith(".bias")}
     assert names == expected
-    assert {"model.embed_tokens.weight", "model.layers.1.self_attn.v_proj.bias"} <= names
+    assert "model.embed_tokens.weight" in names and "model.layers.1.self_attn.v_proj.weight" in names
 
 
 # each kind of tensor the batch perturbs per member: LoRA adapters (matrices), bias hooks, embedding and
@@ -320,7 +369,7 @@ def test_population_names_are_what_lowrank_trains(lora_engine):
 def test_population_batch_equals_member_by_member(lora_engine, pattern):
     names = list(lora_engine.parameter_shapes())
     if not fnmatch.filter(names, pattern):
-        pytest.skip(f"no {pattern} in this model (tied)")
+        pytest.skip(f"no {pattern} in this model (tied, or no biases)")
     ps = lora_engine.param_set(only(names, pattern), "lowrank", 1)
     members = [Member(11, 1), Member(11, -1), Member(12, 1), Member(13, 1)]
     sigma = 0.05 if pattern == "*" else 0.5
@@ -342,6 +391,51 @@ def test_population_batch_equals_member_by_member(lora_engine, pattern):
     assert [[g.text for g in gens] for gens in again] == texts
     # plain requests see the unperturbed model: no adapter, no hooked noise, weights never written
     assert [g.text for g in lora_engine.generate(PROMPTS, 12)] == base
+
+
+def test_soft_capped_logits_are_refused_not_approximated(tmp_path):
+    """Gemma2 soft-caps its logits after the head's product, so lm_head noise cannot be added to the
+    capped logits exactly: the tied embedding is refused with the one-line error; frozen, the rest of
+    the model batches exactly (its embedding is scaled outside the embedding module, which is exact)."""
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+
+    path = tmp_path / "gemma2"
+    build_tiny_model(path, tie=True)
+    base = AutoConfig.from_pretrained(path)
+    config = Gemma2Config(
+        vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id, bos_token_id=None,
+        final_logit_softcapping=30.0, attn_logit_softcapping=None, sliding_window=None,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = Gemma2ForCausalLM(config)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    (path / "config.json").unlink()
+    model.save_pretrained(path)
+    e = VLLMEngine(
+        path,
+        dtype="float32",
+        device="cpu",
+        batch_size=16,
+        max_model_len=256,
+        kv_cache_gib=0.25,
+        lora_population=2,
+    )
+    try:
+        assert "model.embed_tokens.weight" not in e.setup_report["population_names"]
+        with pytest.raises(ConfigError, match=r"cannot perturb model.embed_tokens.weight"):
+            e.param_set([], "lowrank", 1)
+        ps = e.param_set(["*embed_tokens*"], "lowrank", 1)
+        members = [Member(5, 1), Member(6, 1)]
+        batched = e.generate_population(PROMPTS, members, ps, 0.5, 8)
+        for member, gens in zip(members, batched, strict=True):
+            ps.perturb(member, 0.5)
+            assert [g.text for g in gens] == [g.text for g in e.generate(PROMPTS, 8)]
+            ps.restore()
+    finally:
+        e.close()
 
 
 def test_population_batching_refuses_what_it_cannot_perturb(lora_engine, monkeypatch):

@@ -84,6 +84,21 @@ def _onednn_available() -> bool:
     return bool(getattr(ops, "_supports_onednn", False))
 
 
+def _plain_lookup(module: torch.nn.Module) -> bool:
+    """Whether an embedding module's forward is the plain row lookup weight[ids] (the hook adds the
+    noise rows to its output; a module that rescales inside its forward would need them rescaled)."""
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.ndim != 2 or weight.shape[0] == 0:
+        return False
+    ids = torch.tensor([0, weight.shape[0] // 2], device=weight.device)
+    try:
+        with torch.no_grad():
+            out = module(ids)
+    except Exception:
+        return False
+    return bool(torch.equal(out.reshape(2, -1), weight[ids].reshape(2, -1)))
+
+
 class ESWorkerExtension:
     """Mixed into vLLM's worker class; every public method is an ``esft_*`` collective_rpc target.
 
@@ -227,7 +242,21 @@ class ESWorkerExtension:
 
             from esft.engines.vllm_population import LoRAPopulation
 
-            logits = next((m for m in modules.values() if type(m).__name__ == "LogitsProcessor"), None)
+            # The hooks must sit on the modules the forward calls. Where vLLM wraps a module for LoRA
+            # (architectures that declare embedding_modules, e.g. Llama, Qwen3), the wrapper calls
+            # base_layer.forward or base_layer internals directly, so a hook on the base never runs:
+            # hook the wrapper instead (LoRAPopulation also checks that every hook ran).
+            def runs(name: str) -> torch.nn.Module:
+                outer = (
+                    modules.get(name.removesuffix(".base_layer")) if name.endswith(".base_layer") else None
+                )
+                return outer if outer is not None else modules[name]
+
+            by_type = {type(m).__name__: m for m in modules.values()}
+            logits = by_type.get("LogitsProcessorWithLoRA", by_type.get("LogitsProcessor"))
+            # Logit soft-capping is applied after the head's product: noise added to the capped
+            # logits is not the capped logits of the perturbed head, so such heads are not batched.
+            logits_ok = logits is not None and getattr(logits, "soft_cap", None) is None
             lora_layers: dict[str, torch.nn.Module] = {}
             token_layers: dict[str, list[tuple[str, torch.nn.Module]]] = {}
             for key, (mod_name, attr, idx) in placement.items():
@@ -235,10 +264,12 @@ class ESWorkerExtension:
                 wrapper = modules.get(mod_name.removesuffix(".base_layer"))
                 if attr in ("weight", "bias") and isinstance(wrapper, BaseLinearLayerWithLoRA):
                     lora_layers[key] = wrapper
-                elif attr == "weight" and idx is None and logits is not None:
+                elif attr == "weight" and idx is None and logits_ok:
                     kind = type(module).__name__
-                    if kind == "VocabParallelEmbedding":  # a tied one is also the lm_head
-                        token_layers[key] = [("embedding", module)] + ([("logits", logits)] if tied else [])
+                    if kind == "VocabParallelEmbedding" and _plain_lookup(module):  # tied: also lm_head
+                        token_layers[key] = [("embedding", runs(mod_name))] + (
+                            [("logits", logits)] if tied else []
+                        )
                     elif kind == "ParallelLMHead":
                         token_layers[key] = [("logits", logits)]
             self._esft_population = LoRAPopulation(
@@ -334,6 +365,10 @@ class ESWorkerExtension:
             "update_s": mid - tic,  # profile: the ParamSet update, then repacking the changed GEMMs
             "repack_s": time.perf_counter() - mid,
         }
+
+    def esft_population_missed(self) -> list[str]:
+        """The population hooks that did not run since the population was built (should be none)."""
+        return self._esft_population.missed() if self._esft_population is not None else []
 
     def esft_population(self, members: list[list[int]], sigma: float, first_id: int) -> list[int]:
         """Register one LoRA adapter (plus hooked noise) per (seed, sign) member, ids ``first_id``, ...,
@@ -607,6 +642,12 @@ class VLLMEngine:
             lora_request=requests,
             use_tqdm=False,
         )
+        missed = self._rpc("esft_population_missed")
+        if missed:
+            raise RuntimeError(
+                f"vLLM population batching: the hook adding the noise of {missed[0]} did not run "
+                f"(and {len(missed) - 1} more): members generated without it; freeze those parameters"
+            )
         gens = [self._generation(o.outputs[0].token_ids) for o in outs]
         timer["noise"] = timer.get("noise", 0.0) + mid - tic
         timer["generate"] = timer.get("generate", 0.0) + time.perf_counter() - mid

@@ -57,6 +57,8 @@ class LoRAPopulation:
         self._bias_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         self._tokens: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # id -> name -> (sA, B)
         self._handles: list[Any] = []
+        self._hooked: dict[str, list[str]] = {}  # hook key -> the HF tensors whose noise it adds
+        self._fired: set[str] = set()
 
     @property
     def names(self) -> list[str]:
@@ -140,6 +142,7 @@ class LoRAPopulation:
         for lora_id in self.ids:
             self.workers.remove_adapter(lora_id)
         self.ids, self._bias, self._tokens, self._bias_cache = [], {}, {}, None
+        self._hooked, self._fired = {}, set()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -147,16 +150,32 @@ class LoRAPopulation:
     # -- hooks -----------------------------------------------------------------------------------
 
     def _hook(self, biases: Mapping[str, torch.Tensor], tokens: Mapping[str, torch.Tensor]) -> None:
+        self._hooked, self._fired = {}, set()
         for layer in dict.fromkeys(self.place[n]["vllm"] for n in biases):
             wrapper = next(self.lora_layers[n] for n in biases if self.place[n]["vllm"] == layer)
-            self._handles.append(wrapper.register_forward_hook(self._bias_hook(layer)))
+            names = [n for n in biases if self.place[n]["vllm"] == layer]
+            self._register(wrapper, f"bias:{layer}", names, self._bias_hook(layer))
         by_module: dict[int, tuple[str, torch.nn.Module, list[str]]] = {}
         for name in tokens:
             for kind, module in self.token_layers[name]:
                 by_module.setdefault(id(module), (kind, module, []))[2].append(name)
         for kind, module, names in by_module.values():
             hook = self._embedding_hook(names) if kind == "embedding" else self._logits_hook(names)
-            self._handles.append(module.register_forward_hook(hook))
+            self._register(module, f"{kind}:{type(module).__name__}", names, hook)
+
+    def _register(self, module: torch.nn.Module, key: str, names: list[str], hook) -> None:
+        self._hooked[key] = list(names)
+
+        def recording(mod, inputs, output):
+            self._fired.add(key)
+            return hook(mod, inputs, output)
+
+        self._handles.append(module.register_forward_hook(recording))
+
+    def missed(self) -> list[str]:
+        """HF tensors whose hook has not run since ``build``: the forward bypassed the hooked module,
+        so members generated without that noise (the driver raises)."""
+        return [n for key, names in self._hooked.items() if key not in self._fired for n in names]
 
     def _slot_ids(self) -> list[int | None]:
         return list(self.manager.lora_index_to_id)
@@ -213,6 +232,7 @@ class LoRAPopulation:
         def hook(module, inputs, output):
             if output is None:
                 return output
+            scale = float(getattr(module, "scale", 1.0))
             hidden, slots = inputs[1], self.punica.sampler_indices
             if slots.shape[0] != output.shape[0]:
                 raise RuntimeError(f"logits: {output.shape[0]} rows but {slots.shape[0]} request slots")
@@ -223,6 +243,8 @@ class LoRAPopulation:
                             f"logits have {output.shape[1]} columns, lm_head noise {sa.shape[0]}"
                         )
                     delta = (hidden[rows].to(b.dtype) @ b) @ sa.t()  # h (sA B^T)^T
+                    if scale != 1.0:  # the processor scales h W^T after the product (soft caps refused)
+                        delta = delta * scale
                     output.index_add_(0, rows, delta.to(output.dtype))
             return output
 
