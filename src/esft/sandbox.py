@@ -259,7 +259,8 @@ def bwrap_command(profile: Profile, info_fd: int) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable(
-            f"running model-written code needs bubblewrap (bwrap), not found: {INSTALL_HINT}"
+            f"this task runs model output as code (ARC programs, reasoning-gym graders) and needs the "
+            f"bubblewrap sandbox (bwrap), not found: {INSTALL_HINT}"
         )
     cmd = [bwrap, "--die-with-parent", "--new-session", "--as-pid-1", "--info-fd", str(info_fd)]
     cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
