@@ -333,3 +333,31 @@ def test_environment_is_recorded_and_a_change_refuses_resume_and_replay(tiny_mod
     data[-1] ^= 1
     (copy / weights_file.name).write_bytes(bytes(data))
     assert model_fingerprint(str(copy)) != before
+
+
+def test_flat_population_gives_a_zero_update_reported_and_can_stop_the_run(tiny_model, tmp_path, capsys):
+    """Every member scoring the same (here a constant reward) makes every z-score 0: the update is
+    exactly zero, the metrics say so, and --stop-when-flat ends the run."""
+    from esft.trainer import summary_line
+
+    reward = tmp_path / "flat.py"
+    reward.write_text("def same(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    out = tmp_path / "flat"
+    assert train(tiny_model, out, 5, "--reward", f"{reward}:same", "--stop-when-flat", "2") == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]  # stopped after 2 flat iterations of 5
+    assert [r["es/zero_update"] for r in rows] == [1, 1] and [r["es/flat_streak"] for r in rows] == [1, 2]
+    assert all(r["es/update_norm"] == 0.0 and r["train/reward_std"] == 0.0 for r in rows)
+    log = [json.loads(x) for x in (out / "seedlog.jsonl").read_text().splitlines()]
+    assert all(w == 0.0 for entry in log for w in entry["weights"])
+    base = load_file(str(next(tiny_model.glob("*.safetensors"))))
+    final = weights(out / "checkpoints" / "iter-000002")
+    assert all(torch.equal(final[k], base[k]) for k in final)  # exactly unchanged
+    line = summary_line(rows[1], 5)
+    assert "FLAT: every member scored 1, zero update (2 in a row)" in line
+    # a population that is not flat is not reported as such, and the streak resets
+    varied = tmp_path / "varied"
+    assert train(tiny_model, varied, 1) == 0
+    row = json.loads((varied / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["es/zero_update"] == 0 and row["es/flat_streak"] == 0
+    assert "FLAT" not in summary_line(row, 1)

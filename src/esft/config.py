@@ -71,6 +71,9 @@ class ESConfig:
     """Run folder; None makes runs/<time>-<task>."""
     checkpoint_every: int = 10
     """Save an HF-format checkpoint every K iterations (and always at the end); 0 = only at the end."""
+    stop_when_flat: int = 0
+    """Stop early once the population has been flat (every member scored the same, so the update is
+    zero) for K iterations in a row; 0 = never stop for that."""
     keep_checkpoints: int = 3
     """Keep the newest K checkpoints (plus pinned ones) and delete older ones; 0 keeps all. Any
     dropped iteration can be rebuilt from the base model and the seed log (esft replay)."""
@@ -148,7 +151,7 @@ class ESConfig:
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in self.pin_checkpoints),
             f"pin_checkpoints must be a list of iterations >= 1, got {self.pin_checkpoints!r}",
         )
-        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_limit"):
+        for name in ("checkpoint_every", "keep_checkpoints", "stop_when_flat", "eval_every", "eval_limit"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
         need(

@@ -39,6 +39,7 @@ RESUMABLE = {
     "checkpoint_every",
     "keep_checkpoints",
     "pin_checkpoints",
+    "stop_when_flat",
     "eval_every",
     "eval_limit",
     "eval_split",
@@ -151,10 +152,21 @@ def _score_member(pop: Population, task: Task, rows: list[dict[str, Any]], gens:
 
 
 def iteration_metrics(
-    t: int, samples: int, pop: Population, stats: UpdateStats, seconds: float
+    t: int,
+    samples: int,
+    pop: Population,
+    stats: UpdateStats,
+    seconds: float,
+    weights: list[float] | None = None,
+    flat_streak: int = 0,
 ) -> dict[str, Any]:
-    """The metrics.jsonl row of iteration ``t`` (namespaces train/, es/, perf/)."""
+    """The metrics.jsonl row of iteration ``t`` (namespaces train/, es/, perf/).
+
+    ``es/zero_update`` is 1 when the population was flat (every member scored the same, so every
+    shaped weight is 0 and the update is exactly zero); ``es/flat_streak`` counts such iterations in a
+    row up to this one."""
     r = np.asarray([s["reward"] for s in pop.summaries])
+    zero = weights is not None and all(w == 0 for w in weights)
     n = max(pop.completions, 1)
     gen_s = pop.timer["generate"]
     return {
@@ -177,6 +189,8 @@ def iteration_metrics(
         "es/update_ratio": stats.update_ratio,
         "es/param_norm": stats.param_norm,
         "es/changed_fraction": stats.changed_fraction,
+        "es/zero_update": int(zero),
+        "es/flat_streak": int(flat_streak),
         "perf/seconds": seconds,
         **{f"perf/{k}_seconds": v for k, v in pop.timer.items()},
         "perf/tokens_per_second": pop.tokens / gen_s if gen_s > 0 else 0.0,
@@ -192,8 +206,22 @@ def summary_line(m: dict[str, Any], iterations: int) -> str:
         f"len {m['train/completion_tokens']:.0f} tok | ||d||/||theta|| {m['es/update_ratio']:.2e} | "
         f"{m['perf/seconds']:.1f}s (gen {m['perf/generate_seconds']:.1f} score {m['perf/score_seconds']:.2f} "
         f"noise {m['perf/noise_seconds']:.1f} update {m['perf/update_seconds']:.1f}) | "
-        f"{m['perf/tokens_per_second']:.0f} tok/s" + (f" | {failures} reward failures" if failures else "")
+        f"{m['perf/tokens_per_second']:.0f} tok/s"
+        + (f" | {failures} reward failures" if failures else "")
+        + (
+            f" | FLAT: every member scored {m['train/reward_mean']:.4g}, zero update"
+            + (f" ({m['es/flat_streak']} in a row)" if m.get("es/flat_streak", 0) > 1 else "")
+            if m.get("es/zero_update")
+            else ""
+        )
     )
+
+
+FLAT_ADVICE = (
+    "every member scored the same, so the z-scores and the update are zero; to give the population "
+    "something to rank: more prompts per iteration (--prompts-per-iteration), a larger --sigma, "
+    "or a reward with finer steps"
+)
 
 
 @dataclass
@@ -303,6 +331,8 @@ class ESTrainer:
 
         previous = store.metrics()
         samples_done = previous[-1]["samples"] if previous else 0  # completions scored so far (budget)
+        flat_streak = previous[-1].get("es/flat_streak", 0) if previous else 0
+        last = start
         bar = tqdm(
             total=cfg.iterations,
             initial=start,
@@ -339,8 +369,11 @@ class ESTrainer:
             stats = params.update(members, weights, cfg.alpha)
             pop.timer["update"] = time.perf_counter() - tic
             samples_done += len(members) * len(rows)
+            flat_streak = flat_streak + 1 if all(w == 0 for w in weights) else 0
 
-            metrics = iteration_metrics(t, samples_done, pop, stats, time.perf_counter() - t0)
+            metrics = iteration_metrics(
+                t, samples_done, pop, stats, time.perf_counter() - t0, weights, flat_streak
+            )
             store.append_metrics(metrics)
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
@@ -348,18 +381,28 @@ class ESTrainer:
             bar.update(1)
             self._log(summary_line(metrics, cfg.iterations))
 
-            final = t == cfg.iterations
+            if flat_streak == 1 and not cfg.stop_when_flat:
+                self._log(f"esft: iteration {t}: {FLAT_ADVICE}")
+            stop = bool(cfg.stop_when_flat) and flat_streak >= cfg.stop_when_flat
+            final = t == cfg.iterations or stop
+            last = t
             if final or (cfg.checkpoint_every and t % cfg.checkpoint_every == 0):
                 self._checkpoint(engine, t)
             if cfg.eval_every and (final or t % cfg.eval_every == 0):
                 self._evaluate(engine, t, tb)
+            if stop:
+                self._log(
+                    f"esft: stopped after iteration {t}: the population was flat for {flat_streak} "
+                    f"iterations in a row (--stop-when-flat {cfg.stop_when_flat}); {FLAT_ADVICE}"
+                )
+                break
         bar.close()
-        if cfg.iterations not in store.checkpoints():  # e.g. killed between the last update and its save
-            self._checkpoint(engine, cfg.iterations)
+        if last not in store.checkpoints():  # e.g. killed between the last update and its save
+            self._checkpoint(engine, last)
         tb.close()
         ckpts = store.checkpoints()
-        evals = [e for e in store.evals() if e["iteration"] <= cfg.iterations]
-        return TrainResult(store.root, cfg.iterations, ckpts.get(cfg.iterations), evals)
+        evals = [e for e in store.evals() if e["iteration"] <= last]
+        return TrainResult(store.root, last, ckpts.get(last), evals)
 
     # -- pieces -----------------------------------------------------------------------------------
 
