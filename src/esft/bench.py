@@ -92,7 +92,7 @@ def run_bench(
     gens = engine.generate(prompts * population, max_new_tokens)
     floor_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    task.score(rows * population, [g.text for g in gens])
+    task.score(rows * population, [g.text for g in gens], [g.token_ids for g in gens])
     floor_score = time.perf_counter() - tic
     results = [
         BenchRow(

@@ -47,7 +47,7 @@ def evaluate(
         batch = rows[start : start + step]
         gens = engine.generate([r["prompt"] for r in batch], max_new, sampling)
         scored_rows = [row for row in batch for _ in range(k)]  # prompt-major, as the engine returns
-        scores = task.score(scored_rows, [g.text for g in gens])
+        scores = task.score(scored_rows, [g.text for g in gens], [g.token_ids for g in gens])
         failures += scores.failures
         totals += scores.total
         texts += scores.completions
@@ -65,6 +65,12 @@ def evaluate(
                     "truncated": g.truncated,
                     "reward": scores.total[i],
                     "parts": {name: values[i] for name, values in scores.parts.items()},
+                    # columns reward functions added with log_extra (TRL's completions table)
+                    **{
+                        f"extra/{col}": vals[i]
+                        for col, vals in scores.extra.items()
+                        if len(vals) == len(scored_rows)
+                    },
                     **{key: v for key, v in row.items() if key != "prompt"},
                 }
             )

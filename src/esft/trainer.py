@@ -32,6 +32,7 @@ from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
+from esft.tasks.base import TrainerState, nanmean
 
 # Settings a resumed run may change; anything else would change the trajectory.
 RESUMABLE = {
@@ -111,6 +112,7 @@ def score_population(
     max_new_tokens: int,
     desc: str = "members",
     progress: bool = False,
+    state: TrainerState | None = None,
 ) -> Population:
     """Perturb -> generate -> restore -> score, member by member, timing each part.
 
@@ -122,7 +124,7 @@ def score_population(
     if params.scheme == NoiseScheme.LOWRANK and getattr(engine, "population_batching", False):
         groups = engine.generate_population(prompts, members, params, sigma, max_new_tokens, pop.timer)
         for gens in groups:
-            _score_member(pop, task, rows, gens)
+            _score_member(pop, task, rows, gens, state)
         return pop
     for member in tqdm(members, desc=desc, unit="member", leave=False, disable=not progress):
         tic = time.perf_counter()
@@ -136,13 +138,19 @@ def score_population(
             tic = time.perf_counter()
             params.restore()
             pop.timer["noise"] += time.perf_counter() - tic
-        _score_member(pop, task, rows, gens)
+        _score_member(pop, task, rows, gens, state)
     return pop
 
 
-def _score_member(pop: Population, task: Task, rows: list[dict[str, Any]], gens: list[Generation]) -> None:
+def _score_member(
+    pop: Population,
+    task: Task,
+    rows: list[dict[str, Any]],
+    gens: list[Generation],
+    state: TrainerState | None,
+) -> None:
     tic = time.perf_counter()
-    scores = task.score(rows, [g.text for g in gens])
+    scores = task.score(rows, [g.text for g in gens], [g.token_ids for g in gens], state)
     pop.summaries.append(task.summary(scores))
     pop.timer["score"] += time.perf_counter() - tic
     pop.completions += len(gens)
@@ -165,23 +173,24 @@ def iteration_metrics(
     ``es/zero_update`` is 1 when the population was flat (every member scored the same, so every
     shaped weight is 0 and the update is exactly zero); ``es/flat_streak`` counts such iterations in a
     row up to this one."""
-    r = np.asarray([s["reward"] for s in pop.summaries])
+    r = np.asarray([s["reward"] for s in pop.summaries], dtype=np.float64)
     zero = weights is not None and all(w == 0 for w in weights)
+    keys = list(dict.fromkeys(k for s in pop.summaries for k in s if k != "reward"))
+    scorable = r[~np.isnan(r)] if np.isfinite(r).any() else np.zeros(1)
     n = max(pop.completions, 1)
     gen_s = pop.timer["generate"]
     return {
         "iteration": t,
         "samples": samples,
-        "train/reward_mean": float(r.mean()),
-        "train/reward_std": float(r.std()),
-        "train/reward_min": float(r.min()),
-        "train/reward_max": float(r.max()),
-        # mean over members of every part (train/reward/<part>) and task metric (e.g. accuracy)
-        **{
-            f"train/{k}": float(np.mean([s[k] for s in pop.summaries]))
-            for k in pop.summaries[0]
-            if k != "reward"
-        },
+        # over the members with a score (a member whose every sample was "not applicable" has none)
+        "train/reward_mean": float(scorable.mean()),
+        "train/reward_std": float(scorable.std()),
+        "train/reward_min": float(scorable.min()),
+        "train/reward_max": float(scorable.max()),
+        "train/unscored_members": int(np.isnan(r).sum()),
+        # mean over members of every part (train/reward/<part>), task metric (e.g. accuracy) and value
+        # reward functions logged with log_metric (train/logged/<name>)
+        **{f"train/{k}": nanmean([s.get(k, math.nan) for s in pop.summaries]) for k in keys},
         "train/completion_tokens": pop.tokens / n,
         "train/truncated_fraction": pop.truncated / n,
         "train/reward_failures": pop.failures,
@@ -349,8 +358,18 @@ class ESTrainer:
 
             # 1-2: every member perturbs, generates on the same prompts, restores, and is scored.
             member_bar = self.progress and sys.stderr.isatty()  # a bar per member floods non-terminal logs
+            state = TrainerState(global_step=t, max_steps=cfg.iterations, epoch=float(t))
             pop = score_population(
-                engine, params, task, members, rows, cfg.sigma, self.max_new_tokens, f"iter {t}", member_bar
+                engine,
+                params,
+                task,
+                members,
+                rows,
+                cfg.sigma,
+                self.max_new_tokens,
+                f"iter {t}",
+                member_bar,
+                state,
             )
             member_rewards = [s["reward"] for s in pop.summaries]
 

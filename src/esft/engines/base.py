@@ -24,6 +24,7 @@ class Generation:
     text: str  # the completion only, special tokens removed
     num_tokens: int  # generated tokens, up to and including the end-of-sequence token
     truncated: bool  # stopped by max_new_tokens rather than by an end-of-sequence token
+    token_ids: tuple[int, ...] = ()  # the generated ids (TRL rewards receive them as completion_ids)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def completion(tokenizer, eos_ids: set[int], token_ids: list[int]) -> Generation
             n, stopped = i + 1, True
             break
     text = tokenizer.decode(token_ids[:n], skip_special_tokens=True)
-    return Generation(text=text, num_tokens=n, truncated=not stopped)
+    return Generation(text=text, num_tokens=n, truncated=not stopped, token_ids=tuple(token_ids[:n]))
 
 
 @runtime_checkable

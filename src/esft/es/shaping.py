@@ -12,12 +12,19 @@ import numpy as np
 
 
 def zscore(rewards: Sequence[float]) -> list[float]:
-    """(r - mean) / std with the population std; all zeros when every reward is equal."""
+    """(r - mean) / std with the population std; all zeros when every reward is equal. A NaN reward
+    (a member none of whose samples any reward applied to) gets weight 0 and is left out of the
+    statistics."""
     r = np.asarray(rewards, dtype=np.float64)
-    std = r.std()
+    ok = ~np.isnan(r)
+    out = np.zeros(len(r))
+    if ok.sum() < 2:
+        return out.tolist()
+    std = r[ok].std()
     if not np.isfinite(std) or std < 1e-12:
-        return [0.0] * len(r)
-    return ((r - r.mean()) / std).tolist()
+        return out.tolist()
+    out[ok] = (r[ok] - r[ok].mean()) / std
+    return out.tolist()
 
 
 def centered_rank(rewards: Sequence[float]) -> list[float]:
@@ -25,7 +32,13 @@ def centered_rank(rewards: Sequence[float]) -> list[float]:
 
     Normalising keeps alpha meaning the same step size under either shaping.
     """
-    r = np.asarray(rewards, dtype=np.float64)
+    full = np.asarray(rewards, dtype=np.float64)
+    ok = ~np.isnan(full)
+    if ok.sum() < len(full):  # rank the scored members; unscored ones get weight 0
+        out = np.zeros(len(full))
+        out[ok] = centered_rank(full[ok].tolist())
+        return out.tolist()
+    r = full
     n = len(r)
     if n < 2:
         return [0.0] * n
