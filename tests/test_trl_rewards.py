@@ -147,3 +147,38 @@ def test_trainer_routes_trainer_state_and_log_metric(tiny_model, tmp_path):
     assert all(r["train/reward_failures"] == 0 for r in rows)
     # the reward is the number of completion token ids, so it tracks the completion length
     assert rows[0]["train/reward_mean"] == pytest.approx(rows[0]["train/completion_tokens"])
+
+
+def test_several_rewards_with_weights_through_the_cli(tiny_model, tmp_path, capsys):
+    from esft.cli import main
+
+    rewards = tmp_path / "r.py"
+    rewards.write_text(
+        "def one(completions, **kw):\n    return [1.0] * len(completions)\n"
+        "def length(completion_ids, **kw):\n    return [float(len(i)) for i in completion_ids]\n"
+    )
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model), "--task", "conciseness", "--population", "2",
+              "--max-new-tokens", "5", "--quiet"]  # fmt: skip
+    rc = main(["train", *common, "--output", str(out), "--iterations", "1",
+               "--reward", f"{rewards}:one", "--reward", f"{rewards}:length", "--reward-weights", "2", "0.5"])  # fmt: skip
+    assert rc == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train/reward/one"] == 1.0
+    assert row["train/reward_mean"] == pytest.approx(2.0 + 0.5 * row["train/reward/length"])
+    # eval of the run keeps its rewards and weights
+    assert main(["eval", "--run", str(out), "--split", "train", "--quiet"]) == 0
+    # a weight count that does not match is a one-line error
+    capsys.readouterr()
+    rc = main(["train", *common, "--output", str(tmp_path / "bad"), "--reward", f"{rewards}:one",
+               "--reward-weights", "1", "2"])  # fmt: skip
+    assert rc == 2 and "reward_weights has 2 values for 1" in capsys.readouterr().err
+    rc = main(["train", *common, "--output", str(tmp_path / "bad2"), "--reward-weights", "1", "2", "3"])
+    assert rc == 2 and "the task has 1 reward parts (length)" in capsys.readouterr().err
+
+
+def test_task_parts_can_be_reweighted():
+    from esft.tasks import load_task
+
+    task = load_task("countdown", reward_weights=[1.0, 0.5], train_size=2, test_size=2)
+    assert [(p.name, p.weight) for p in task.rewards] == [("answer", 1.0), ("format", 0.5)]

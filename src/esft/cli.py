@@ -57,6 +57,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="append", metavar="PATTERN", help=help_text)
         elif f.name == "pin_checkpoints":
             p.add_argument(flag, type=int, nargs="+", metavar="ITER", help=help_text)
+        elif f.name == "reward":
+            p.add_argument(flag, action="append", metavar="MODULE:FUNCTION", help=help_text)
+        elif f.name == "reward_weights":
+            p.add_argument(flag, type=float, nargs="+", metavar="W", help=help_text)
         elif f.type in ("bool",):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type in ("int", "int | None"):
@@ -175,7 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_path, label = str(ckpts[step]), f"iter-{step:06d}"
         if task_name in (None, saved.get("task")):
             task_name, task_options = saved.get("task"), dict(saved.get("task_options") or {})
-            reward = reward or saved.get("reward")
+            if not reward:
+                reward = saved.get("reward")
+                args.reward_weights = args.reward_weights or saved.get("reward_weights")
         engine_name, dtype, device = (
             saved.get("engine", "hf"),
             saved.get("dtype", "auto"),
@@ -192,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task_options.update(_parse_task_options(args.task_option))
     if args.data:
         task_options["data_file"] = args.data
-    task = load_task(task_name, reward=reward, **task_options)
+    task = load_task(task_name, reward=reward, reward_weights=args.reward_weights, **task_options)
     dtype, device = args.dtype or dtype, args.device or device
     engine = build_engine(engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size)
     if args.samples < 1:
@@ -321,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task name (default with --run: the run's task)")
     p.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="task option")
     p.add_argument("--data", help="dataset file for the task")
-    p.add_argument("--reward", help="reward function module:function or file.py:function")
+    p.add_argument(
+        "--reward", action="append", help="reward function module:function or file.py:function (repeatable)"
+    )
+    p.add_argument("--reward-weights", type=float, nargs="+", metavar="W", help="one weight per reward part")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--limit", type=int, default=0, help="first K rows only (0 = all)")
     p.add_argument("--max-new-tokens", type=int, help="completion limit (default: the task's)")

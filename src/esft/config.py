@@ -31,8 +31,12 @@ class ESConfig:
     """Task: countdown, conciseness, math, gsm8k, sudoku, or rg:<reasoning-gym dataset>."""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the task, e.g. {"data_file": "my.jsonl", "train_size": 200}."""
-    reward: str | None = None
-    """Replace the task's reward with a TRL-signature function: module:function or file.py:function."""
+    reward: str | list[str] | None = None
+    """Replace the task's rewards with TRL-signature functions (module:function or file.py:function);
+    several are summed, weighted by reward_weights."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (as TRL's reward_weights): for --reward's functions, or else for
+    the task's own parts; None keeps 1.0 (or the task's weights)."""
     population: int = 30
     """N: perturbed models evaluated per iteration."""
     sigma: float = 1e-3
@@ -90,6 +94,11 @@ class ESConfig:
         self.validate()
 
     def validate(self) -> None:
+        # canonical form: None, one "module:function" string, or a list of two or more
+        if isinstance(self.reward, list | tuple) and len(self.reward) == 1:
+            self.reward = str(self.reward[0])
+        elif isinstance(self.reward, list | tuple):
+            self.reward = [str(r) for r in self.reward] or None
         from esft.es.shaping import SHAPERS
         from esft.tasks import is_task, task_names
 
@@ -158,6 +167,20 @@ class ESConfig:
             self.eval_split in ("train", "test"), f"eval_split must be train or test, got {self.eval_split!r}"
         )
         need(isinstance(self.task_options, dict), "task_options must be a mapping of option -> value")
+        need(
+            self.reward_weights is None
+            or (
+                isinstance(self.reward_weights, list)
+                and all(isinstance(w, int | float) and not isinstance(w, bool) for w in self.reward_weights)
+            ),
+            f"reward_weights must be a list of numbers, got {self.reward_weights!r}",
+        )
+        if self.reward_weights is not None and isinstance(self.reward, list | str):
+            n = len(self.reward) if isinstance(self.reward, list) else 1
+            need(
+                len(self.reward_weights) == n,
+                f"reward_weights has {len(self.reward_weights)} values for {n} --reward function(s)",
+            )
         need(
             isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze),
             "freeze must be a list of name patterns",

@@ -253,7 +253,9 @@ class ESTrainer:
         self.config = config
         self.allow_environment_change = allow_environment_change
         self.progress = progress
-        self.task = task or load_task(config.task, reward=config.reward, **config.task_options)
+        self.task = task or load_task(
+            config.task, reward=config.reward, reward_weights=config.reward_weights, **config.task_options
+        )
         self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
         output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}"
         self.store = RunStore(output)

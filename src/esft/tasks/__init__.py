@@ -55,13 +55,20 @@ def task_names() -> str:
     return ", ".join(sorted(TASKS)) + ", rg:<reasoning-gym dataset>, path/to/file.py:make_task"
 
 
-def load_task(name: str, reward: str | None = None, **options: Any) -> Task:
-    """Build task ``name`` with its ``options``; ``reward`` optionally replaces its reward functions."""
+def load_task(
+    name: str,
+    reward: str | list[str] | None = None,
+    reward_weights: list[float] | None = None,
+    **options: Any,
+) -> Task:
+    """Build task ``name`` with its ``options``; ``reward`` (one or several module:function specs)
+    optionally replaces its reward functions, and ``reward_weights`` weighs them (or, without
+    ``reward``, the task's own parts), as TRL's reward_weights."""
     if not is_task(name):
         raise ConfigError(f"unknown task {name!r}; available: {task_names()}")
     if _is_user_task(name):
         task = custom.task_from_object(name, import_object(name), options)
-        return _with_reward(task, reward)
+        return _with_reward(task, reward, reward_weights)
     if name.startswith(RG_PREFIX):
         factory = functools.partial(rgym.load_rg, name[len(RG_PREFIX) :])
         accepted = set(inspect.signature(rgym.load_rg).parameters) - {"dataset"}
@@ -76,20 +83,36 @@ def load_task(name: str, reward: str | None = None, **options: Any) -> Task:
     task = factory(**options)
     if name == "custom" and not reward:
         raise ConfigError("task custom needs a reward: --reward my_rewards.py:my_fn")
-    return _with_reward(task, reward)
+    return _with_reward(task, reward, reward_weights)
 
 
-def _with_reward(task: Task, reward: str | None) -> Task:
-    if reward:
-        fn = import_object(reward)
-        if not callable(fn):
-            raise ConfigError(f"--reward {reward!r} is not callable")
-        task.rewards = [RewardPart(getattr(fn, "__name__", "reward"), fn, 1.0)]
+def _with_reward(task: Task, reward: str | list[str] | None, weights: list[float] | None = None) -> Task:
+    specs = [reward] if isinstance(reward, str) else list(reward or [])
+    if specs:
+        parts = []
+        for spec in specs:
+            fn = import_object(spec)
+            if not callable(fn):
+                raise ConfigError(f"--reward {spec!r} is not callable")
+            name = getattr(fn, "__name__", None) or type(fn).__name__
+            while name in {p.name for p in parts}:  # two functions of the same name stay two parts
+                name += "_"
+            parts.append(RewardPart(name, fn, 1.0))
+        task.rewards = parts
         task.metrics = None
     if not task.rewards:
         raise ConfigError(
             f"task {task.name!r} has no reward functions; add one or pass --reward module:function"
         )
+    if weights is not None:
+        if len(weights) != len(task.rewards):
+            names = ", ".join(p.name for p in task.rewards)
+            raise ConfigError(
+                f"--reward-weights has {len(weights)} values but the task has {len(task.rewards)} reward "
+                f"parts ({names})"
+            )
+        for part, w in zip(task.rewards, weights, strict=True):
+            part.weight = float(w)
     return task
 
 
