@@ -361,3 +361,24 @@ def test_flat_population_gives_a_zero_update_reported_and_can_stop_the_run(tiny_
     row = json.loads((varied / "metrics.jsonl").read_text().splitlines()[0])
     assert row["es/zero_update"] == 0 and row["es/flat_streak"] == 0
     assert "FLAT" not in summary_line(row, 1)
+
+
+def test_eval_on_both_splits_prints_before_and_after_with_examples(tiny_model, tmp_path, capsys):
+    out = tmp_path / "both"
+    rc = main(["train", "--model", str(tiny_model), "--output", str(out), "--task", "conciseness",
+               "--population", "2", "--iterations", "1", "--max-new-tokens", "6", "--eval-every", "1",
+               "--eval-split", "both", "--eval-limit", "2"])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["split"]) for r in rows] == [
+        (0, "train"),
+        (0, "test"),
+        (1, "train"),
+        (1, "test"),
+    ]
+    assert all(
+        len(r["examples"]) == 2 and {"prompt", "completion", "reward"} <= set(r["examples"][0]) for r in rows
+    )
+    printed = capsys.readouterr().out
+    assert "training prompts (train split):" in printed and "held-out prompts (test split):" in printed
+    assert printed.count("before:") == 4 and printed.count("after:") == 4

@@ -111,6 +111,11 @@ def _train_config(args: argparse.Namespace, argv: list[str]) -> tuple[ESConfig, 
     return ESConfig.from_dict(values, args.config or "settings"), quickstart
 
 
+def _clip(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from esft.evaluate import format_summary
     from esft.trainer import ESTrainer
@@ -139,11 +144,21 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         )
         return 130
     print(f"esft: done. Run folder: {result.run_dir}")
-    if len(result.eval_history) >= 2:
-        first, last = result.eval_history[0], result.eval_history[-1]
-        for label, row in (("before", first), ("after ", last)):
-            shown = {k: v for k, v in row.items() if k not in ("iteration", "split")}
-            print(f"  {row.get('split', 'test')} {label} (iter {row['iteration']}): {format_summary(shown)}")
+    for split in dict.fromkeys(row.get("split", "test") for row in result.eval_history):
+        history = [row for row in result.eval_history if row.get("split", "test") == split]
+        if len(history) < 2:
+            continue
+        name = {"train": "training prompts", "test": "held-out prompts"}.get(split, split)
+        print(f"  {name} ({split} split):")
+        for label, row in (("before", history[0]), ("after ", history[-1])):
+            shown = {k: v for k, v in row.items() if k not in ("iteration", "split", "examples")}
+            print(f"    {label} (iter {row['iteration']}): {format_summary(shown)}")
+        for before, after in zip(
+            history[0].get("examples", []), history[-1].get("examples", []), strict=False
+        ):
+            print(f"    e.g. {_clip(before['prompt'], 60)!r}")
+            print(f"      before: {_clip(before['completion'], 100)!r} ({before['reward']:.4g})")
+            print(f"      after:  {_clip(after['completion'], 100)!r} ({after['reward']:.4g})")
     if result.final_checkpoint:
         print(f"  final checkpoint (loads with transformers): {result.final_checkpoint}")
         print(f"  evaluate it:  esft eval --run {result.run_dir}")

@@ -88,7 +88,7 @@ class ESConfig:
     eval_limit: int = 0
     """Rows used by periodic evaluation; 0 = all."""
     eval_split: str = "test"
-    """Split used by periodic evaluation: test (held out) or train (the prompts being optimised)."""
+    """Split used by periodic evaluation: test (held out), train (the prompts being optimised) or both."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,7 +164,8 @@ class ESConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
         need(
-            self.eval_split in ("train", "test"), f"eval_split must be train or test, got {self.eval_split!r}"
+            self.eval_split in ("train", "test", "both"),
+            f"eval_split must be train, test or both, got {self.eval_split!r}",
         )
         need(isinstance(self.task_options, dict), "task_options must be a mapping of option -> value")
         need(

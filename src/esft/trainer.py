@@ -475,21 +475,37 @@ class ESTrainer:
                 "esft replay rebuilds any iteration from the seed log)"
             )
 
-    def _evaluate(self, engine: Engine, t: int, tb) -> dict[str, Any]:
+    def _evaluate(self, engine: Engine, t: int, tb) -> list[dict[str, Any]]:
+        """Evaluate the unperturbed model on the eval split(s); one eval.jsonl row per split, with the
+        first few completions as examples."""
         cfg = self.config
-        summary, _ = evaluate(
-            engine,
-            self.task,
-            cfg.eval_split,
-            cfg.eval_limit,
-            self.max_new_tokens,
-            cfg.batch_size,
-            self.progress,
-        )
-        row = {"iteration": t, "split": cfg.eval_split, **summary}
-        self.store.append_eval(row)
-        for k, v in summary.items():
-            if isinstance(v, (int, float)):
-                tb.add_scalar(f"eval/{k}", v, t)
-        self._log(f"eval ({cfg.eval_split}) @ iter {t}: {format_summary(summary)}")
-        return row
+        splits = ["train", "test"] if cfg.eval_split == "both" else [cfg.eval_split]
+        rows = []
+        for split in splits:
+            summary, samples = evaluate(
+                engine, self.task, split, cfg.eval_limit, self.max_new_tokens, cfg.batch_size, self.progress
+            )
+            examples = [
+                {"prompt": _prompt_text(s["prompt"]), "completion": s["completion"], "reward": s["reward"]}
+                for s in samples[:EVAL_EXAMPLES]
+            ]
+            row = {"iteration": t, "split": split, **summary, "examples": examples}
+            self.store.append_eval(row)
+            prefix = "eval" if len(splits) == 1 else f"eval/{split}"
+            for k, v in summary.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    tb.add_scalar(f"{prefix}/{k}", v, t)
+            self._log(f"eval ({split}) @ iter {t}: {format_summary(summary)}")
+            rows.append(row)
+        return rows
+
+
+EVAL_EXAMPLES = 2  # completions kept per periodic evaluation (eval.jsonl "examples")
+
+
+def _prompt_text(prompt: Any) -> str:
+    """The last user message of a chat prompt, or the raw prompt."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1] if users else prompt[-1].get("content", ""))
+    return str(prompt)
