@@ -111,6 +111,17 @@ def _train_config(args: argparse.Namespace, argv: list[str]) -> tuple[ESConfig, 
     return ESConfig.from_dict(values, args.config or "settings"), quickstart
 
 
+def changed_most(first: dict, last: dict, k: int = 2) -> list[tuple[dict, dict]]:
+    """The ``k`` example pairs (same prompt, before and after) whose reward changed most."""
+    pairs = list(zip(first.get("examples", []), last.get("examples", []), strict=False))
+
+    def change(pair: tuple[dict, dict]) -> float:
+        d = abs(float(pair[1].get("reward", 0.0)) - float(pair[0].get("reward", 0.0)))
+        return d if d == d else 0.0  # NaN: no change to show
+
+    return sorted(pairs, key=change, reverse=True)[:k]
+
+
 def _clip(text: str, n: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -126,7 +137,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if quickstart:
         print(
             "esft: no arguments, running the quickstart: ES on the conciseness task with the embedded "
-            "Qwen2.5-Coder-0.5B-Instruct (about 10 minutes on 2 CPU cores). See `esft train --help`.",
+            "Qwen2.5-Coder-0.5B-Instruct, evaluated on its training and held-out prompts before and after "
+            "(a few minutes on 2 CPU cores). See `esft train --help`.",
             flush=True,
         )
     trainer = ESTrainer(
@@ -153,9 +165,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         for label, row in (("before", history[0]), ("after ", history[-1])):
             shown = {k: v for k, v in row.items() if k not in ("iteration", "split", "examples")}
             print(f"    {label} (iter {row['iteration']}): {format_summary(shown)}")
-        for before, after in zip(
-            history[0].get("examples", []), history[-1].get("examples", []), strict=False
-        ):
+        for before, after in changed_most(history[0], history[-1]):
             print(f"    e.g. {_clip(before['prompt'], 60)!r}")
             print(f"      before: {_clip(before['completion'], 100)!r} ({before['reward']:.4g})")
             print(f"      after:  {_clip(after['completion'], 100)!r} ({after['reward']:.4g})")

@@ -500,7 +500,7 @@ class ESTrainer:
         return rows
 
 
-EVAL_EXAMPLES = 2  # completions kept per periodic evaluation (eval.jsonl "examples")
+EVAL_EXAMPLES = 8  # completions kept per periodic evaluation (eval.jsonl "examples"), first rows
 
 
 def _prompt_text(prompt: Any) -> str:
