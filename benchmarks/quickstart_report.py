@@ -13,12 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-from esft.cli import changed_most
+from esft.cli import changed_most, clip
 
 
 def _clip(text: str, n: int = 90) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= n else text[: n - 3] + "..."
+    return clip(text, n).replace("|", "\\|")  # a markdown table cell
 
 
 def main() -> None:

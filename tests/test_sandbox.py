@@ -364,7 +364,7 @@ def test_job_runs_unprivileged_without_network_or_host_view():
     # /tmp exists inside only as the way to bound folders (e.g. a venv under /tmp), never the host's
     binds, _ = sandbox._package_paths(sandbox.ARC.packages)
     system, _ = sandbox._system_binds()
-    leading = {Path(p).parts[2] for p in [*binds, *(b for (b,) in system)] if p.startswith("/tmp/")}
+    leading = {Path(p).parts[2] for p in [*binds, *system] if p.startswith("/tmp/")}
     assert set(tmp) <= leading
 
 

@@ -60,15 +60,24 @@ def build_vllm_tiny(path: Path, tie: bool = False) -> Path:
     config.hidden_size, config.intermediate_size = 64, 128
     config.num_attention_heads, config.num_key_value_heads = 2, 1
     torch.manual_seed(1)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
+    return _save_over(Qwen2ForCausalLM(config), path, randomise=True)
+
+
+def _save_over(model, path: Path, randomise: bool) -> Path:
+    """Save ``model`` into ``path`` in place of the weights there (keeping conftest's tokenizer); with
+    ``randomise``, norms ~ N(1, 0.1) and biases ~ N(0, 0.1) so that perturbing them is visible."""
+    if randomise:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0, 0.1)
+                elif name.endswith(".bias"):
+                    p.normal_(0.0, 0.1)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    (path / "config.json").unlink()
     model.save_pretrained(path)
     return path
 
@@ -289,17 +298,27 @@ def test_freezing_everything_is_a_config_error(engine):
 # -- low-rank population batching (members as LoRA adapters) -----------------------------------------
 
 
-def build_vllm_arch(path: Path, arch: str, tie: bool) -> Path:
-    """A tiny randomly initialised Llama or Qwen3 (head_dim 32) with conftest's tokenizer. vLLM
-    declares embedding_modules for these architectures, so with LoRA enabled it wraps the embedding
-    and the logits processor (unlike Qwen2): the population hooks must sit on the wrappers."""
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def build_vllm_arch(path: Path, arch: str, tie: bool, seed: int = 2, randomise: bool = True, **extra) -> Path:
+    """A tiny randomly initialised Llama, Qwen3 or Gemma2 (head_dim 32) with conftest's tokenizer.
+    vLLM declares embedding_modules for Llama and Qwen3, so with LoRA enabled it wraps the embedding
+    and the logits processor (unlike Qwen2): the population hooks must sit on the wrappers. ``extra``
+    goes to the config (e.g. Gemma2's soft-capping)."""
+    from transformers import (
+        AutoConfig,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     build_tiny_model(path, tie=tie)
     base = AutoConfig.from_pretrained(path)
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     }[arch]
     config = config_cls(
         vocab_size=base.vocab_size,
@@ -314,20 +333,10 @@ def build_vllm_arch(path: Path, arch: str, tie: bool) -> Path:
         eos_token_id=base.eos_token_id,
         pad_token_id=base.pad_token_id,
         bos_token_id=None,
+        **extra,
     )
-    torch.manual_seed(2)
-    model = model_cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    for f in path.glob("*.safetensors"):
-        f.unlink()
-    (path / "config.json").unlink()
-    model.save_pretrained(path)
-    return path
+    torch.manual_seed(seed)
+    return _save_over(model_cls(config), path, randomise)
 
 
 ARCHS = ["qwen2-untied", "qwen2-tied", "llama-untied", "llama-tied", "qwen3-untied", "qwen3-tied"]
@@ -397,23 +406,10 @@ def test_soft_capped_logits_are_refused_not_approximated(tmp_path):
     """Gemma2 soft-caps its logits after the head's product, so lm_head noise cannot be added to the
     capped logits exactly: the tied embedding is refused with the one-line error; frozen, the rest of
     the model batches exactly (its embedding is scaled outside the embedding module, which is exact)."""
-    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
-
-    path = tmp_path / "gemma2"
-    build_tiny_model(path, tie=True)
-    base = AutoConfig.from_pretrained(path)
-    config = Gemma2Config(
-        vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-        eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id, bos_token_id=None,
+    path = build_vllm_arch(
+        tmp_path / "gemma2", "gemma2", tie=True, seed=3, randomise=False,
         final_logit_softcapping=30.0, attn_logit_softcapping=None, sliding_window=None,
     )  # fmt: skip
-    torch.manual_seed(3)
-    model = Gemma2ForCausalLM(config)
-    for f in path.glob("*.safetensors"):
-        f.unlink()
-    (path / "config.json").unlink()
-    model.save_pretrained(path)
     e = VLLMEngine(
         path,
         dtype="float32",

@@ -122,7 +122,8 @@ def changed_most(first: dict, last: dict, k: int = 2) -> list[tuple[dict, dict]]
     return sorted(pairs, key=change, reverse=True)[:k]
 
 
-def _clip(text: str, n: int) -> str:
+def clip(text: str, n: int) -> str:
+    """``text`` on one line, cut to ``n`` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -166,9 +167,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             shown = {k: v for k, v in row.items() if k not in ("iteration", "split", "examples")}
             print(f"    {label} (iter {row['iteration']}): {format_summary(shown)}")
         for before, after in changed_most(history[0], history[-1]):
-            print(f"    e.g. {_clip(before['prompt'], 60)!r}")
-            print(f"      before: {_clip(before['completion'], 100)!r} ({before['reward']:.4g})")
-            print(f"      after:  {_clip(after['completion'], 100)!r} ({after['reward']:.4g})")
+            print(f"    e.g. {clip(before['prompt'], 60)!r}")
+            print(f"      before: {clip(before['completion'], 100)!r} ({before['reward']:.4g})")
+            print(f"      after:  {clip(after['completion'], 100)!r} ({after['reward']:.4g})")
     if result.final_checkpoint:
         print(f"  final checkpoint (loads with transformers): {result.final_checkpoint}")
         print(f"  evaluate it:  esft eval --run {result.run_dir}")

@@ -12,7 +12,7 @@ The boundary is the operating system, provided by bubblewrap (``bwrap``), never 
   its standard library (with its ``site-packages`` hidden under an empty tmpfs), the system library
   folders the interpreter links against, and only the packages a profile names (numpy for ARC; for
   reasoning-gym graders, the packages it imports). No home, no task data, no other site-packages,
-  no /proc, a minimal /dev. The work folder ``/work`` is a tmpfs capped in size.
+  no /proc, a minimal /dev. The work folder ``/esft-work`` is a tmpfs capped in size.
 - **One process per job.** The sandbox's PID 1 (:mod:`esft.sandbox_zygote`) runs only host-written
   code. For each job it forks; the job process sets rlimits (CPU seconds, address space, file size,
   open files, no processes, no core dumps), installs a seccomp filter (:mod:`esft.seccomp`: no
@@ -50,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,6 @@ class Profile:
     packages: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
     work_mb: int = 64
-    env: tuple[tuple[str, str], ...] = field(default=())
 
 
 ARC = Profile("arc", packages=("numpy",), preload=("numpy",))
@@ -207,7 +206,7 @@ def _link_chain(path: str) -> tuple[list[tuple[str, str]], str]:
 
 
 @functools.cache
-def _system_binds() -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, str], ...]]:
+def _system_binds() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(read-only binds, symlinks) for the interpreter, its stdlib and the shared libraries it links.
 
     Everything is bound at its real path; the symlinks on the way (``/lib64`` -> ``usr/lib64``, the
@@ -227,8 +226,8 @@ def _system_binds() -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, str],
         if os.path.exists(real):
             binds.add(real)
     # a path inside another bound folder needs no bind of its own
-    binds = {b for b in binds if not any(b.startswith(o + "/") for o in binds if o != b)}
-    return tuple((b,) for b in sorted(binds)), tuple(sorted(links.items()))
+    binds = {b for b in binds if not _under(b, [o for o in binds if o != b])}
+    return tuple(sorted(binds)), tuple(sorted(links.items()))
 
 
 def _stdlib() -> str:
@@ -236,18 +235,16 @@ def _stdlib() -> str:
     return os.path.realpath(os.path.dirname(os.__file__))
 
 
-def _hidden_dirs(binds: tuple[tuple[str, ...], ...]) -> list[str]:
+def _hidden_dirs(binds: tuple[str, ...]) -> list[str]:
     """Package folders that a system bind would expose (the base interpreter's site-packages, a
     distribution's dist-packages): each is covered by an empty tmpfs."""
     hidden = set()
-    for (bound,) in binds:
+    for bound in binds:
         if not os.path.isdir(bound):
             continue
         for pattern in ("site-packages", "dist-packages", "*/site-packages", "*/dist-packages"):
             hidden.update(os.path.realpath(p) for p in Path(bound).glob(pattern) if p.is_dir())
-    for s in _site_dirs():
-        if any(s.startswith(b + "/") for (b,) in binds):
-            hidden.add(s)
+    hidden.update(s for s in _site_dirs() if _under(s, list(binds)))
     return sorted(hidden)
 
 
@@ -270,13 +267,13 @@ def bwrap_command(profile: Profile, info_fd: int) -> list[str]:
         cmd += ["--unshare-user", "--disable-userns"]
     system, links = _system_binds()
     pkg_binds, _ = _package_paths(profile.packages)
-    bound = [b for (b,) in system] + list(pkg_binds)
+    bound = [*system, *pkg_binds]
     links = tuple((lk, t) for lk, t in links if not _under(lk, bound))
     # bubblewrap makes missing parent folders 0700 (root's): make them traversable for the job's uid
     parents = {str(a) for d in [*bound, *(lk for lk, _ in links), WORK] for a in Path(d).parents}
     for d in sorted(p for p in parents if p != "/" and not _under(p, bound)):
         cmd += ["--perms", "0755", "--dir", d]
-    for path in bound[: len(system)]:
+    for path in system:
         cmd += ["--ro-bind", path, path]
     for link, target in links:
         cmd += ["--symlink", target, link]
@@ -301,10 +298,8 @@ def bwrap_command(profile: Profile, info_fd: int) -> list[str]:
 class _Sandbox:
     """One bwrap process running the zygote; jobs are sent one at a time."""
 
-    def __init__(self, profile: Profile, prepared: list[str]):
-        self.profile = profile
-        self.prepared: list[str] = []
-        self.lock = threading.Lock()
+    def __init__(self, profile: Profile):
+        self.prepared: list[str] = []  # host code already run by prepare()
         info_r, info_w = os.pipe()
         try:
             cmd = bwrap_command(profile, info_w)
@@ -330,8 +325,7 @@ class _Sandbox:
             "sys_path": list(sys_path),
             "preload": list(profile.preload),
             "env": {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            | {"MPLCONFIGDIR": WORK, "MPLBACKEND": "Agg"}
-            | dict(profile.env),
+            | {"MPLCONFIGDIR": WORK, "MPLBACKEND": "Agg"},
             "uid": NOBODY,
             "gid": NOBODY,
             "seccomp": seccomp.build_filter(),
@@ -352,11 +346,8 @@ class _Sandbox:
         if not isinstance(ready, dict) or not ready.get("ready"):
             self.kill()
             raise SandboxUnavailable(f"sandbox failed to start: {ready!r}")
-        self.uid = ready.get("uid")
         self.pid1 = json.loads(info.decode()).get("child-pid") if info else None
         self.base_vm = _vm_size(self.pid1)
-        for code in prepared:
-            self.prepare(code)
 
     # framing
     def _send(self, obj: Any) -> None:
@@ -485,7 +476,7 @@ class SandboxPool:
                     box.kill()
                     box = None
         if box is None:
-            box = _Sandbox(self.profile, [])
+            box = _Sandbox(self.profile)
             with self._lock:
                 self._all.append(box)
         try:

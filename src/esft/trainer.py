@@ -165,16 +165,14 @@ def iteration_metrics(
     pop: Population,
     stats: UpdateStats,
     seconds: float,
-    weights: list[float] | None = None,
     flat_streak: int = 0,
 ) -> dict[str, Any]:
     """The metrics.jsonl row of iteration ``t`` (namespaces train/, es/, perf/).
 
-    ``es/zero_update`` is 1 when the population was flat (every member scored the same, so every
-    shaped weight is 0 and the update is exactly zero); ``es/flat_streak`` counts such iterations in a
-    row up to this one."""
+    ``flat_streak`` counts the flat iterations in a row up to this one (a flat population: every member
+    scored the same, so every shaped weight is 0 and the update is exactly zero); ``es/zero_update`` is
+    1 when this iteration is one of them."""
     r = np.asarray([s["reward"] for s in pop.summaries], dtype=np.float64)
-    zero = weights is not None and all(w == 0 for w in weights)
     keys = list(dict.fromkeys(k for s in pop.summaries for k in s if k != "reward"))
     scorable = r[~np.isnan(r)] if np.isfinite(r).any() else np.zeros(1)
     n = max(pop.completions, 1)
@@ -198,7 +196,7 @@ def iteration_metrics(
         "es/update_ratio": stats.update_ratio,
         "es/param_norm": stats.param_norm,
         "es/changed_fraction": stats.changed_fraction,
-        "es/zero_update": int(zero),
+        "es/zero_update": int(flat_streak > 0),
         "es/flat_streak": int(flat_streak),
         "perf/seconds": seconds,
         **{f"perf/{k}_seconds": v for k, v in pop.timer.items()},
@@ -392,9 +390,7 @@ class ESTrainer:
             samples_done += len(members) * len(rows)
             flat_streak = flat_streak + 1 if all(w == 0 for w in weights) else 0
 
-            metrics = iteration_metrics(
-                t, samples_done, pop, stats, time.perf_counter() - t0, weights, flat_streak
-            )
+            metrics = iteration_metrics(t, samples_done, pop, stats, time.perf_counter() - t0, flat_streak)
             store.append_metrics(metrics)
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):

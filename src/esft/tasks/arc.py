@@ -84,14 +84,9 @@ def __esft_apply(inputs):
 """
 
 
-def transform_outputs(code: str | None, inputs: list[list]) -> list[Any]:
-    """What the model's ``transform`` returns on each input grid (None where it failed), from one
-    sandboxed process per program (:mod:`esft.sandbox`)."""
-    return run_programs([(code, inputs)])[0]
-
-
 def run_programs(programs: list[tuple[str | None, list[list]]]) -> list[list[Any]]:
-    """``transform_outputs`` for many programs at once, spread over the sandbox pool's workers."""
+    """For each (code, input grids): what the model's ``transform`` returns on each grid (None where it
+    failed), one sandboxed process per program (:mod:`esft.sandbox`), spread over the pool's workers."""
     out: list[list[Any] | None] = [None] * len(programs)
     jobs, where = [], []
     for i, (code, inputs) in enumerate(programs):
