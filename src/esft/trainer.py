@@ -30,6 +30,7 @@ from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_member
 from esft.es.lowrank import lowrank_trainable
 from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
+from esft.resources import peak_memory
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 from esft.tasks.base import TrainerState, nanmean
@@ -37,6 +38,7 @@ from esft.tasks.base import TrainerState, nanmean
 # Settings a resumed run may change; anything else would change the trajectory.
 RESUMABLE = {
     "iterations",
+    "budget_samples",
     "checkpoint_every",
     "keep_checkpoints",
     "pin_checkpoints",
@@ -162,6 +164,7 @@ def _score_member(
 def iteration_metrics(
     t: int,
     samples: int,
+    tokens: int,
     pop: Population,
     stats: UpdateStats,
     seconds: float,
@@ -179,7 +182,8 @@ def iteration_metrics(
     gen_s = pop.timer["generate"]
     return {
         "iteration": t,
-        "samples": samples,
+        "samples": samples,  # completions generated for training so far (the budget unit)
+        "tokens": tokens,  # their tokens
         # over the members with a score (a member whose every sample was "not applicable" has none)
         "train/reward_mean": float(scorable.mean()),
         "train/reward_std": float(scorable.std()),
@@ -201,6 +205,8 @@ def iteration_metrics(
         "perf/seconds": seconds,
         **{f"perf/{k}_seconds": v for k, v in pop.timer.items()},
         "perf/tokens_per_second": pop.tokens / gen_s if gen_s > 0 else 0.0,
+        "perf/samples_per_second": pop.completions / seconds if seconds > 0 else 0.0,
+        **peak_memory(),
         "member_rewards": r.tolist(),
     }
 
@@ -229,6 +235,11 @@ FLAT_ADVICE = (
     "something to rank: more prompts per iteration (--prompts-per-iteration), a larger --sigma, "
     "or a reward with finer steps"
 )
+
+
+def over_budget(budget: int, samples: int) -> bool:
+    """True once ``samples`` generated completions reach a sample budget (0 = none)."""
+    return bool(budget) and samples >= budget
 
 
 @dataclass
@@ -279,6 +290,11 @@ class ESTrainer:
                     f"--resume: {store.root} holds no run to resume; drop --resume to start one"
                 )
             saved = store.read_config()
+            if saved.get("trainer", "es") != "es":
+                raise ConfigError(
+                    f"--resume: {store.root} is a {saved['trainer']} run, not an ES run; "
+                    f"continue it with esft {saved['trainer']}"
+                )
             saved_cfg = {k: v for k, v in saved.items() if k in ESConfig.field_names()}
             mine = self.config.to_dict()
             changed = sorted(k for k in saved_cfg if k not in RESUMABLE and saved_cfg[k] != mine.get(k))
@@ -323,7 +339,7 @@ class ESTrainer:
     def _train(self) -> TrainResult:
         cfg, store, task = self.config, self.store, self.task
         start, engine, params = self._load_state(self.model_path)
-        store.write_config({**cfg.to_dict(), "model_path": self.model_path})
+        store.write_config({"trainer": "es", **cfg.to_dict(), "model_path": self.model_path})
         store.clean_temp()
         from torch.utils.tensorboard import SummaryWriter
 
@@ -340,8 +356,12 @@ class ESTrainer:
 
         previous = store.metrics()
         samples_done = previous[-1]["samples"] if previous else 0  # completions scored so far (budget)
+        tokens_done = previous[-1].get("tokens", 0) if previous else 0
         flat_streak = previous[-1].get("es/flat_streak", 0) if previous else 0
         last = start
+        if over_budget(cfg.budget_samples, samples_done):
+            self._log(f"esft: the budget of {cfg.budget_samples} samples is spent ({samples_done} generated)")
+            return self._finish(engine, tb, last)
         bar = tqdm(
             total=cfg.iterations,
             initial=start,
@@ -388,9 +408,12 @@ class ESTrainer:
             stats = params.update(members, weights, cfg.alpha)
             pop.timer["update"] = time.perf_counter() - tic
             samples_done += len(members) * len(rows)
+            tokens_done += pop.tokens
             flat_streak = flat_streak + 1 if all(w == 0 for w in weights) else 0
 
-            metrics = iteration_metrics(t, samples_done, pop, stats, time.perf_counter() - t0, flat_streak)
+            metrics = iteration_metrics(
+                t, samples_done, tokens_done, pop, stats, time.perf_counter() - t0, flat_streak
+            )
             store.append_metrics(metrics)
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
@@ -400,20 +423,31 @@ class ESTrainer:
 
             if flat_streak == 1 and not cfg.stop_when_flat:
                 self._log(f"esft: iteration {t}: {FLAT_ADVICE}")
-            stop = bool(cfg.stop_when_flat) and flat_streak >= cfg.stop_when_flat
-            final = t == cfg.iterations or stop
+            flat_stop = bool(cfg.stop_when_flat) and flat_streak >= cfg.stop_when_flat
+            budget_stop = over_budget(cfg.budget_samples, samples_done)
+            final = t == cfg.iterations or flat_stop or budget_stop
             last = t
             if final or (cfg.checkpoint_every and t % cfg.checkpoint_every == 0):
                 self._checkpoint(engine, t)
             if cfg.eval_every and (final or t % cfg.eval_every == 0):
                 self._evaluate(engine, t, tb)
-            if stop:
+            if flat_stop:
                 self._log(
                     f"esft: stopped after iteration {t}: the population was flat for {flat_streak} "
                     f"iterations in a row (--stop-when-flat {cfg.stop_when_flat}); {FLAT_ADVICE}"
                 )
                 break
+            if budget_stop:
+                self._log(
+                    f"esft: stopped after iteration {t}: {samples_done} samples generated, the budget "
+                    f"is {cfg.budget_samples} (--budget-samples)"
+                )
+                break
         bar.close()
+        return self._finish(engine, tb, last)
+
+    def _finish(self, engine: Engine, tb, last: int) -> TrainResult:
+        store = self.store
         if last not in store.checkpoints():  # e.g. killed between the last update and its save
             self._checkpoint(engine, last)
         tb.close()
@@ -426,9 +460,12 @@ class ESTrainer:
     def _build_engine(self, path: str) -> Engine:
         cfg = self.config
         options = engine_options(cfg.engine, cfg.noise, cfg.population, cfg.rank)
-        return build_engine(
+        engine = build_engine(
             cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, **options
         )
+        if cfg.fixed_length:
+            engine.min_new_tokens = self.max_new_tokens
+        return engine
 
     def _load_state(self, model_path: str) -> tuple[int, Engine, ParamSet]:
         """Fresh start from the base model, or resume: newest checkpoint + seed-log entries past it."""

@@ -1,0 +1,423 @@
+"""The GRPO baseline: TRL's ``GRPOTrainer`` on esft's tasks, writing the same run folder as ES.
+
+ES and GRPO runs are meant to be compared, so everything around the optimiser is shared:
+  - the same task, prompts and reward functions (the task's parts become TRL reward functions with the
+    task's weights; each batch is scored once by ``Task.score``, so failures, "not applicable" values,
+    ``log_metric`` and task metrics such as accuracy behave exactly as in ES);
+  - the same run folder (config.yaml with ``trainer: grpo``, metrics.jsonl with the ES keys where they
+    mean the same thing, TensorBoard events, eval.jsonl, Hugging Face checkpoints under
+    checkpoints/iter-NNNNNN), so eval, analyze and report treat both alike;
+  - the same budget unit: ``samples`` counts generated completions (prompts x group size per step, as
+    members x prompts per ES iteration) and ``tokens`` their tokens; ``--budget-samples`` stops both;
+  - the same cost metrics: perf/seconds, perf/samples_per_second and perf/peak_rss_mb per step.
+
+The policy-gradient maths (sampling G completions per prompt, group-relative advantages, the clipped
+surrogate with the chosen loss aggregation, the optional KL term, AdamW) is TRL's, not ours.
+Differences from TRL's defaults, on purpose: a constant learning rate (ES has a constant step size;
+TRL decays linearly to 0 over max_steps, which would make the schedule depend on the budget), every
+step logged, and TRL's own checkpointing off (esft writes the run folder's checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, TrainerCallback
+
+from esft import environment
+from esft.config import GRPORunConfig
+from esft.engines.hf import HFEngine
+from esft.errors import ConfigError
+from esft.evaluate import evaluate, format_summary
+from esft.models import resolve_model
+from esft.resources import peak_memory
+from esft.runstore import DiskFullError, RunStore, is_disk_full
+from esft.tasks import Task, load_task
+from esft.tasks.base import Scores, TrainerState, completion_text
+from esft.trainer import EVAL_EXAMPLES, TrainResult, _prompt_text
+
+TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
+
+
+class TaskRewardFunctions:
+    """A task's reward parts as TRL reward functions, one per part (TRL logs each as rewards/<name>).
+
+    TRL calls every function on the same batch in turn; the first call scores the batch with
+    ``Task.score`` (esft's failure handling, None as NaN, async rewards, log_metric/log_extra) and the
+    others read their part from it. Every scored batch is also kept for the step's metrics row."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.batches: list[tuple[Scores, int]] = []  # (scores, completion tokens) since the last drain
+        self._last: tuple[int, Scores] | None = None
+
+    def functions(self) -> list[Callable[..., list[float | None]]]:
+        return [self._part(p.name) for p in self.task.rewards]
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(p.weight) for p in self.task.rewards]
+
+    def _part(self, name: str) -> Callable[..., list[float | None]]:
+        def reward(prompts, completions, completion_ids=None, **columns) -> list[float | None]:
+            scores = self._score(prompts, completions, completion_ids, columns)
+            return [None if math.isnan(v) else v for v in scores.parts[name]]
+
+        reward.__name__ = name
+        return reward
+
+    def _score(self, prompts, completions, completion_ids, columns) -> Scores:
+        if self._last is not None and self._last[0] == id(completions):
+            return self._last[1]
+        state = columns.pop("trainer_state", None)
+        for key in ("log_extra", "log_metric", "environments"):
+            columns.pop(key, None)
+        rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+        texts = [completion_text(c) for c in completions]
+        esft_state = TrainerState(
+            global_step=int(getattr(state, "global_step", 0)),
+            max_steps=int(getattr(state, "max_steps", 0)),
+            epoch=float(getattr(state, "epoch", 0.0) or 0.0),
+        )
+        scores = self.task.score(rows, texts, completion_ids, esft_state)
+        tokens = sum(len(x) for x in completion_ids) if completion_ids is not None else 0
+        self.batches.append((scores, tokens))
+        self._last = (id(completions), scores)
+        return scores
+
+    def drain(self) -> tuple[dict[str, float], int, int, int]:
+        """(task summary over the batches scored since the last drain, completions, tokens, failures)."""
+        batches, self.batches, self._last = self.batches, [], None
+        if not batches:
+            return {}, 0, 0, 0
+        merged = Scores(total=[], parts={}, completions=[])
+        for scores, _ in batches:
+            merged.total += scores.total
+            merged.completions += scores.completions
+            merged.failures += scores.failures
+            for k, v in scores.parts.items():
+                merged.parts.setdefault(k, []).extend(v)
+            for k, v in scores.logged.items():
+                merged.logged.setdefault(k, []).extend(v)
+        return (
+            self.task.summary(merged),
+            len(merged.total),
+            sum(t for _, t in batches),
+            merged.failures,
+        )
+
+
+def freeze_parameters(model: Any, patterns: list[str]) -> int:
+    """Turn off gradients for parameters matching any ``patterns``; returns the trainable count."""
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
+    return n
+
+
+def step_layout(config: GRPORunConfig, n_train: int) -> tuple[int, int, int]:
+    """(prompts per step, completions per step, micro-batch): one optimizer step per generation batch
+    of prompts x group size completions, accumulated over micro-batches."""
+    prompts = min(config.prompts_per_iteration or n_train, n_train)
+    per_step = prompts * config.group_size
+    micro = config.micro_batch_size or per_step
+    if per_step % micro:
+        raise ConfigError(
+            f"micro_batch_size {micro} must divide the {per_step} completions of a step "
+            f"({prompts} prompts x group size {config.group_size})"
+        )
+    return prompts, per_step, micro
+
+
+def planned_steps(config: GRPORunConfig, per_step: int) -> int:
+    """Optimizer steps: --iterations, or fewer when --budget-samples is reached first."""
+    if not config.budget_samples:
+        return config.iterations
+    return min(config.iterations, math.ceil(config.budget_samples / per_step))
+
+
+class GRPORun:
+    """``esft grpo``: one GRPO training run on an esft task, into an esft run folder."""
+
+    def __init__(self, config: GRPORunConfig, progress: bool = True, task: Task | None = None) -> None:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise ConfigError(TRL_MISSING) from None
+        self.config = config
+        self.progress = progress
+        self.task = task or load_task(
+            config.task, reward=config.reward, reward_weights=config.reward_weights, **config.task_options
+        )
+        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
+        output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}-grpo"
+        self.store = RunStore(output)
+        self.store.lock()
+        try:
+            if self.store.exists() or self.store.metrics_path.exists():
+                raise ConfigError(
+                    f"{self.store.root} already holds a run; choose another --output "
+                    "(GRPO runs cannot be resumed: TRL's optimizer state is not kept)"
+                )
+            if not self.task.train:
+                raise ConfigError(f"task {self.task.name!r} has an empty train split")
+            self.model_path = resolve_model(config.model)
+        except BaseException:
+            self.store.unlock()
+            raise
+
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            tqdm.write(msg)
+
+    def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except Exception as e:
+            if is_disk_full(e):
+                ckpts = self.store.checkpoints()
+                raise DiskFullError(
+                    f"no space left on the disk of {self.store.root} (newest checkpoint "
+                    f"{max(ckpts) if ckpts else 'none'}); free space or lower --keep-checkpoints"
+                ) from None
+            raise
+        finally:
+            self.store.unlock()
+
+    def _train(self) -> TrainResult:
+        from datasets import Dataset
+        from torch.utils.tensorboard import SummaryWriter
+        from trl import GRPOConfig, GRPOTrainer
+
+        cfg, store, task = self.config, self.store, self.task
+        engine = HFEngine(self.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+        if cfg.fixed_length:
+            engine.min_new_tokens = self.max_new_tokens  # greedy evaluation too
+        n_trainable = freeze_parameters(engine.model, cfg.freeze)
+        n_prompts, per_step, micro = step_layout(cfg, len(task.train))
+        steps = planned_steps(cfg, per_step)
+        store.write_config({"trainer": "grpo", **cfg.to_dict(), "model_path": self.model_path})
+        environment.write(store.root, environment.describe(engine, "hf", self.model_path))
+        tb = SummaryWriter(str(store.root / "events"))
+        rewards = TaskRewardFunctions(task)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
+            args = self._trl_config(GRPOConfig, engine, rewards, steps, per_step, micro)
+
+        self._log(
+            f"esft grpo: {task.name} | model {cfg.model or 'embedded default'} | {n_trainable / 1e6:.3g}M "
+            f"trainable params | {n_prompts} prompts x G={cfg.group_size} = {per_step} completions/step | "
+            f"lr={cfg.learning_rate:g} beta={cfg.beta:g} loss {cfg.loss_type} | {steps} steps | run {store.root}"
+        )
+        callback = _RunFolderCallback(self, engine, rewards, tb, steps)
+        trainer = GRPOTrainer(
+            model=engine.model,
+            reward_funcs=rewards.functions(),
+            args=args,
+            train_dataset=Dataset.from_list(task.train),
+            processing_class=engine.tokenizer,
+            callbacks=[callback],
+        )
+        trainer.remove_callback(PrinterCallback)
+        if cfg.eval_every:
+            self._evaluate(engine, 0, tb)
+        with warnings.catch_warnings():
+            # transformers 5 renamed gradient checkpointing; TRL still calls the old names every step
+            warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
+            trainer.train()
+        callback.bar.close()
+        with contextlib.suppress(OSError):
+            (store.root / "trl").rmdir()  # TRL's output_dir: unused, esft writes the run folder
+        last = callback.last_step
+        if last and last not in store.checkpoints():
+            self._checkpoint(engine, last)
+        tb.close()
+        ckpts = store.checkpoints()
+        return TrainResult(store.root, last, ckpts.get(last), store.evals())
+
+    def _trl_config(self, config_cls, engine: HFEngine, rewards, steps: int, per_step: int, micro: int):
+        """TRL's GRPOConfig for this run: one optimizer step per generation batch of ``per_step``
+        completions (accumulated over micro-batches), constant learning rate, esft doing the logging."""
+        cfg = self.config
+        cuda = engine.device.startswith("cuda")
+        return config_cls(
+            output_dir=str(self.store.root / "trl"),
+            max_steps=steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="constant",
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards,
+            num_generations=cfg.group_size,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=per_step // micro,
+            steps_per_generation=per_step // micro,
+            max_completion_length=self.max_new_tokens,
+            temperature=cfg.temperature,
+            generation_kwargs={"min_new_tokens": self.max_new_tokens} if cfg.fixed_length else None,
+            reward_weights=rewards.weights,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            use_cpu=not cuda,
+            bf16=cuda and str(engine.dtype) == "torch.bfloat16",
+            fp16=False,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,  # esft's own bar and step lines instead of TRL's printed log dicts
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+
+    def _checkpoint(self, engine: HFEngine, step: int) -> None:
+        cfg = self.config
+        was_training = engine.model.training
+        engine.model.eval()
+        path = self.store.save_checkpoint(
+            step, engine.save, {"base_model": cfg.model or "embedded default", "trainer": "grpo"}
+        )
+        engine.model.train(was_training)
+        self._log(f"checkpoint: {path}")
+        self.store.prune_checkpoints(cfg.keep_checkpoints, cfg.pin_checkpoints)
+
+    def _evaluate(self, engine: HFEngine, step: int, tb) -> None:
+        """Greedy evaluation of the current policy on the eval split(s), as ES evaluates."""
+        cfg = self.config
+        splits = ["train", "test"] if cfg.eval_split == "both" else [cfg.eval_split]
+        was_training = engine.model.training
+        engine.model.eval()
+        try:
+            for split in splits:
+                summary, samples = evaluate(
+                    engine, self.task, split, cfg.eval_limit, self.max_new_tokens, cfg.batch_size, False
+                )
+                examples = [
+                    {
+                        "prompt": _prompt_text(s["prompt"]),
+                        "completion": s["completion"],
+                        "reward": s["reward"],
+                    }
+                    for s in samples[:EVAL_EXAMPLES]
+                ]
+                self.store.append_eval({"iteration": step, "split": split, **summary, "examples": examples})
+                prefix = "eval" if len(splits) == 1 else f"eval/{split}"
+                for k, v in summary.items():
+                    if isinstance(v, int | float) and math.isfinite(v):
+                        tb.add_scalar(f"{prefix}/{k}", v, step)
+                self._log(f"eval ({split}) @ step {step}: {format_summary(summary)}")
+        finally:
+            engine.model.train(was_training)
+
+
+class _RunFolderCallback(TrainerCallback):
+    """Writes TRL's per-step logs into the esft run folder, checkpoints and evaluates on esft's cadence."""
+
+    def __init__(self, run: GRPORun, engine: HFEngine, rewards: TaskRewardFunctions, tb, steps: int) -> None:
+        self.run, self.engine, self.rewards, self.tb, self.steps = run, engine, rewards, tb, steps
+        self.samples = 0
+        self.tokens = 0
+        self.last_step = 0
+        self._t0 = time.perf_counter()
+        self.bar = tqdm(total=steps, desc="GRPO", unit="step", disable=not run.progress, dynamic_ncols=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "reward" not in logs:  # the end-of-training summary, not a step
+            return
+        seconds = time.perf_counter() - self._t0
+        step = state.global_step
+        summary, n, tokens, failures = self.rewards.drain()
+        self.samples += n
+        self.tokens += tokens
+        metrics = grpo_metrics(step, self.samples, self.tokens, logs, summary, n, failures, seconds)
+        self.run.store.append_metrics(metrics)
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and k != "iteration" and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+        self.bar.update(1)
+        self.run._log(grpo_line(metrics, self.steps))
+        self.last_step = step
+        cfg = self.run.config
+        final = step >= self.steps
+        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            self.run._checkpoint(self.engine, step)
+        if cfg.eval_every and (final or step % cfg.eval_every == 0):
+            self.run._evaluate(self.engine, step, self.tb)
+        if final and cfg.budget_samples and self.samples >= cfg.budget_samples:
+            self.run._log(
+                f"esft grpo: stopped after step {step}: {self.samples} samples generated, the budget is "
+                f"{cfg.budget_samples} (--budget-samples)"
+            )
+
+
+def grpo_metrics(
+    step: int,
+    samples: int,
+    tokens: int,
+    logs: dict[str, Any],
+    summary: dict[str, float],
+    completions: int,
+    failures: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The metrics.jsonl row of GRPO step ``step``: ES's keys where they mean the same thing (train/
+    reward and parts over this step's completions, lengths, budget counters, perf/), TRL's own
+    quantities under grpo/ (loss, grad norm, KL, entropy, clip ratios, reward std over completions)."""
+
+    def num(key: str) -> float:
+        v = logs.get(key)
+        return float(v) if isinstance(v, int | float) else math.nan
+
+    row: dict[str, Any] = {
+        "iteration": step,
+        "samples": samples,
+        "tokens": tokens,
+        "train/reward_mean": summary.get("reward", num("reward")),
+        **{f"train/{k}": v for k, v in summary.items() if k != "reward"},
+        "train/completion_tokens": num("completions/mean_length"),
+        "train/truncated_fraction": num("completions/clipped_ratio"),
+        "train/reward_failures": failures,
+    }
+    for key, value in logs.items():
+        if isinstance(value, int | float) and not key.startswith(("rewards/", "completions/")):
+            name = key.replace("reward_std", "reward_std_completions")
+            row[f"grpo/{name}"] = float(value)
+    row.update(
+        {
+            "perf/seconds": seconds,
+            "perf/samples_per_second": completions / seconds if seconds > 0 else 0.0,
+            "perf/tokens_per_second": num("completions/mean_length") * completions / seconds
+            if seconds > 0
+            else 0.0,
+            **peak_memory(),
+        }
+    )
+    return row
+
+
+def grpo_line(m: dict[str, Any], steps: int) -> str:
+    failures = m["train/reward_failures"]
+    kl = m.get("grpo/kl")
+    return (
+        f"step {m['iteration']:>4}/{steps} | reward {m['train/reward_mean']:.4g} | "
+        f"len {m['train/completion_tokens']:.0f} tok | loss {m.get('grpo/loss', math.nan):.4g} "
+        f"grad norm {m.get('grpo/grad_norm', math.nan):.3g}"
+        + (f" kl {kl:.3g}" if kl is not None else "")
+        + f" | {m['perf/seconds']:.1f}s | {m['perf/samples_per_second']:.2f} samples/s"
+        + f" | peak {m['perf/peak_rss_mb']:.0f} MiB"
+        + (f" | {failures} reward failures" if failures else "")
+    )

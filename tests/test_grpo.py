@@ -1,0 +1,206 @@
+"""The GRPO baseline (TRL's GRPOTrainer): trains a tiny model, writes the ES run-folder layout, honours
+the sample budget, and esft's own task rewards run unchanged inside TRL."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from esft.cli import main
+
+pytest.importorskip("trl")
+
+COMMON = ["--task", "conciseness", "--group-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-3",
+          "--seed", "1", "--quiet"]  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def grpo(model: Path, out: Path, *extra: str) -> int:
+    return main(["grpo", "--model", str(model), "--output", str(out), *COMMON, *extra])
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    assert grpo(tiny_model, out, "--iterations", "3", "--eval-every", "3", "--checkpoint-every", "2") == 0
+    return out
+
+
+def test_grpo_changes_the_weights_and_writes_the_es_layout(tiny_model, grpo_run):
+    base = load_file(str(tiny_model / "model.safetensors"))
+    final = load_file(str(grpo_run / "checkpoints" / "iter-000003" / "model.safetensors"))
+    assert set(base) == set(final)
+    changed = [n for n in base if not torch.equal(base[n], final[n])]
+    assert len(changed) > len(base) // 2, f"only {changed} changed"
+
+    config = yaml.safe_load((grpo_run / "config.yaml").read_text())
+    assert config["trainer"] == "grpo" and config["task"] == "conciseness" and config["group_size"] == 4
+    assert (grpo_run / "environment.json").is_file()
+    assert list((grpo_run / "events").iterdir()), "no TensorBoard events"
+    assert sorted(p.name for p in (grpo_run / "checkpoints").iterdir()) == ["iter-000002", "iter-000003"]
+
+    metrics = read_jsonl(grpo_run / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    # 2 conciseness train prompts x group size 4 per step
+    assert [m["samples"] for m in metrics] == [8, 16, 24]
+    assert metrics[-1]["tokens"] == sum(8 * m["train/completion_tokens"] for m in metrics)
+    for key in ["train/reward_mean", "train/reward/length", "train/completion_tokens",
+                "train/truncated_fraction", "train/reward_failures", "grpo/loss", "grpo/grad_norm",
+                "perf/seconds", "perf/samples_per_second", "perf/peak_rss_mb"]:  # fmt: skip
+        assert key in metrics[-1], key
+    assert metrics[-1]["perf/peak_rss_mb"] > 50
+
+    evals = read_jsonl(grpo_run / "eval.jsonl")
+    assert [(e["iteration"], e["split"]) for e in evals] == [(0, "test"), (3, "test")]
+    assert evals[0]["examples"] and "reward" in evals[0]
+
+
+def test_esft_eval_reads_a_grpo_run(grpo_run, tmp_path, capsys):
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", "--run", str(grpo_run), "--limit", "2", "--output", str(out), "--quiet"]) == 0
+    assert len(read_jsonl(out)) == 2
+    assert "iter-000003" in capsys.readouterr().out
+
+
+def test_budget_samples_stops_es_and_grpo_at_the_same_count(tiny_model, tmp_path):
+    # GRPO: 2 prompts x G=4 = 8 completions per step; ES: N=4 members x 2 prompts = 8 per iteration
+    assert grpo(tiny_model, tmp_path / "g", "--iterations", "10", "--budget-samples", "12") == 0
+    es = ["train", "--model", str(tiny_model), "--output", str(tmp_path / "e"), "--task", "conciseness",
+          "--population", "4", "--max-new-tokens", "8", "--iterations", "10", "--budget-samples", "12",
+          "--quiet"]  # fmt: skip
+    assert main(es) == 0
+    g, e = read_jsonl(tmp_path / "g" / "metrics.jsonl"), read_jsonl(tmp_path / "e" / "metrics.jsonl")
+    assert [m["samples"] for m in g] == [m["samples"] for m in e] == [8, 16]
+    assert "perf/peak_rss_mb" in e[-1] and "perf/samples_per_second" in e[-1]
+    assert e[-1]["tokens"] > 0
+
+
+def test_frozen_parameters_stay_fixed(tiny_model, tmp_path):
+    out = tmp_path / "frozen"
+    assert (
+        grpo(tiny_model, out, "--iterations", "1", "--freeze", "*embed_tokens*", "--freeze", "*layers.0.*")
+        == 0
+    )
+    base = load_file(str(tiny_model / "model.safetensors"))
+    final = load_file(str(out / "checkpoints" / "iter-000001" / "model.safetensors"))
+    for name in base:
+        frozen = "embed_tokens" in name or ".layers.0." in name
+        assert torch.equal(base[name], final[name]) == frozen, name
+
+
+def test_one_line_errors(tiny_model, grpo_run, tmp_path, capsys, monkeypatch):
+    assert grpo(tiny_model, grpo_run, "--iterations", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert grpo(tiny_model, tmp_path / "m", "--micro-batch-size", "3") == 2
+    assert "micro_batch_size 3 must divide the 8 completions" in capsys.readouterr().err
+    assert grpo(tiny_model, tmp_path / "l", "--loss-type", "ppo") == 2
+    assert "unknown loss_type 'ppo'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "trl", None)
+    assert grpo(tiny_model, tmp_path / "t") == 2
+    assert "esft grpo needs TRL: pip install" in capsys.readouterr().err
+
+
+def test_a_config_file_shared_with_es_is_accepted(tiny_model, tmp_path, capsys):
+    cfg = tmp_path / "pair.yaml"
+    cfg.write_text("task: conciseness\npopulation: 30\nsigma: 0.001\niterations: 1\nmax_new_tokens: 8\n")
+    out = tmp_path / "shared"
+    assert main(["grpo", "--config", str(cfg), "--model", str(tiny_model), "--output", str(out),
+                 "--group-size", "2", "--quiet"]) == 0  # fmt: skip
+    assert "ignoring settings of the other trainer: population, sigma" in capsys.readouterr().out
+
+
+def _chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("task_name", ["countdown", "math"])
+def test_esft_task_rewards_run_inside_trl_grpotrainer(tiny_model, tmp_path, task_name):
+    """esft's own reward functions, passed to TRL's GRPOTrainer as they are, give TRL the values esft
+    computes for the same completions."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from esft.tasks import load_task
+
+    task = load_task(task_name)
+    rows = task.train[:2]
+    seen: list[tuple[list, list, dict]] = []
+
+    def spy(prompts, completions, **columns):
+        seen.append((prompts, completions, columns))
+        return [0.0] * len(prompts)
+
+    funcs = [p.fn for p in task.rewards]
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        max_steps=1,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=8,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    logged: list[dict] = []
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    trainer = GRPOTrainer(
+        model=str(tiny_model),
+        reward_funcs=[*funcs, spy],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[Capture()],
+    )
+    trainer.train()
+    assert seen, "TRL never called the reward functions"
+    prompts, completions, columns = seen[0]
+    batch = [
+        {"prompt": p, **{k: columns[k][i] for k in rows[0] if k != "prompt"}} for i, p in enumerate(prompts)
+    ]
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    scores = task.score(batch, texts)
+    assert scores.failures == 0
+    step = next(log for log in logged if "reward" in log)
+    for part, fn in zip(task.rewards, funcs, strict=True):
+        expected = sum(scores.parts[part.name]) / len(texts)
+        assert math.isclose(step[f"rewards/{fn.__name__}/mean"], expected, abs_tol=1e-6), part.name
+
+    # A tiny random model earns nothing, so also call each function exactly as TRL's _calculate_rewards
+    # does (this trainer's state, log_extra, log_metric, completion ids) on a right answer: full marks.
+    good = {
+        "countdown": (
+            {"nums": [3, 7, 5], "target": 26},
+            "<think> 3*7+5 </think>\n<answer>3 * 7 + 5</answer>",
+        ),
+        "math": ({"answer": "\\frac{1}{2}"}, "Half of it: \\boxed{\\frac{1}{2}}"),
+    }[task_name]
+    columns, text = good
+    for fn in funcs:
+        values = fn(
+            prompts=[rows[0]["prompt"]],
+            completions=[[{"role": "assistant", "content": text}]],
+            completion_ids=[[1, 2, 3]],
+            **{k: [v] for k, v in columns.items()},
+            trainer_state=trainer.state,
+            log_extra=trainer._log_completion_extra,
+            log_metric=trainer._log_metric,
+        )
+        assert values == [1.0], (fn.__name__, values)
