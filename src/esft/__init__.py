@@ -5,10 +5,25 @@ Learning" (Qiu et al., 2025): perturb every weight by sigma * eps from a seed, s
 by greedy generation and a reward, restore the weights exactly, and move along the z-scored rewards.
 """
 
-from esft.config import ESConfig
+from typing import Any
+
+from esft.config import ESConfig, GRPORunConfig
 from esft.errors import EsftError
 from esft.tasks import Task, load_task
-from esft.trainer import ESTrainer
 
-__all__ = ["ESConfig", "ESTrainer", "EsftError", "Task", "load_task"]
+__all__ = ["ESConfig", "ESTrainer", "EsftError", "GRPORun", "GRPORunConfig", "Task", "load_task"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # the trainers load on first use, so `import esft.analysis` (which reads run folders and never
+    # trains) does not import them, and `import esft` stays light
+    if name == "ESTrainer":
+        from esft.trainer import ESTrainer
+
+        return ESTrainer
+    if name == "GRPORun":
+        from esft.grpo import GRPORun
+
+        return GRPORun
+    raise AttributeError(f"module 'esft' has no attribute {name!r}")

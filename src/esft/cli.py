@@ -1,4 +1,4 @@
-"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, replay.
+"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, analyze, replay.
 
 Every training setting is an ESConfig field; it can come from ``--config FILE`` (YAML/TOML/JSON) and
 from a flag of the same name, and flags win. ``esft train`` with no arguments runs the quickstart.
@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
 
+    from esft.analysis import cli as analysis_cli
+
+    analysis_cli.add_parser(sub)
+
     p = sub.add_parser("replay", help="rebuild an iteration's weights from the base model and the seed log")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument(
@@ -463,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, argv[1:])
         if args.command == "grpo":
             return cmd_grpo(args, argv[1:])
+        if args.command == "analyze":
+            from esft.analysis import cli as analysis_cli
+
+            return analysis_cli.run(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "bench":

@@ -1,0 +1,108 @@
+"""Cosine similarity between two updates of one base model (e.g. ES vs GRPO from the same start).
+
+With delta_A = theta_A - theta_base and delta_B = theta_B - theta_base,
+
+    cos(A, B) = <delta_A, delta_B> / (||delta_A|| ||delta_B||),
+
+globally, per transformer layer and per module type, from float64 sums over one streaming pass through
+the three checkpoints (three tensors in memory at a time, float32 slices). 1 means the same direction,
+-1 the opposite, about 0 unrelated directions (two independent random walks over d coordinates have
+cosine ~ N(0, 1/d)). A group where either update is zero has no direction: its cosine is NaN (JSON
+null). Checkpoints whose tensor names or shapes differ do not share a base: a one-line ConfigError.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esft.analysis.naming import MODULE_TYPES, layer_of, layer_order, module_type
+from esft.analysis.tensors import aligned_tensors, chunks
+
+
+@dataclass
+class Dot:
+    """<a, b>, ||a||^2, ||b||^2 over a group of coordinates."""
+
+    ab: float = 0.0
+    aa: float = 0.0
+    bb: float = 0.0
+    numel: int = 0
+
+    def add(self, other: Dot) -> None:
+        self.ab += other.ab
+        self.aa += other.aa
+        self.bb += other.bb
+        self.numel += other.numel
+
+    @property
+    def cosine(self) -> float:
+        if self.aa <= 0 or self.bb <= 0:
+            return math.nan
+        # sqrt(x * x) == x exactly in IEEE arithmetic, so cos(delta, delta) is exactly 1
+        return max(-1.0, min(1.0, self.ab / math.sqrt(self.aa * self.bb)))
+
+    def row(self) -> dict[str, float]:
+        return {
+            "cosine": self.cosine,
+            "norm_a": math.sqrt(self.aa),
+            "norm_b": math.sqrt(self.bb),
+            "numel": self.numel,
+        }
+
+
+@dataclass
+class CosineResult:
+    base: str
+    a: str
+    b: str
+    total: Dot
+    layers: dict[str, Dot]
+    modules: dict[str, Dot]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "a": self.a,
+            "b": self.b,
+            "definition": "<delta_a, delta_b> / (||delta_a|| ||delta_b||), delta = checkpoint - base",
+            "total": self.total.row(),
+            "layers": {k: v.row() for k, v in self.layers.items()},
+            "modules": {k: v.row() for k, v in self.modules.items()},
+        }
+
+
+def _tensor_dot(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Dot:
+    out = Dot(numel=base.numel())
+    for base_s, a_s, b_s in chunks(base, a, b):
+        da = (a_s - base_s).double()
+        db = (b_s - base_s).double()
+        out.ab += float(torch.dot(da, db))
+        out.aa += float(torch.dot(da, da))
+        out.bb += float(torch.dot(db, db))
+    return out
+
+
+def update_cosine(base: str | Path, a: str | Path, b: str | Path, progress: bool = False) -> CosineResult:
+    """Cosine similarity of the updates a - base and b - base (global, per layer, per module type)."""
+    folders = [Path(base), Path(a), Path(b)]
+    total = Dot()
+    layers: dict[str, Dot] = {}
+    modules: dict[str, Dot] = {k: Dot() for k in MODULE_TYPES}
+    for name, (tb, ta, tt) in aligned_tensors(folders, progress, desc="cosine"):
+        d = _tensor_dot(tb, ta, tt)
+        total.add(d)
+        layers.setdefault(layer_of(name), Dot()).add(d)
+        modules[module_type(name)].add(d)
+    return CosineResult(
+        base=str(base),
+        a=str(a),
+        b=str(b),
+        total=total,
+        layers=dict(sorted(layers.items(), key=lambda kv: layer_order(kv[0]))),
+        modules={k: v for k, v in modules.items() if v.numel},
+    )

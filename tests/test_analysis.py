@@ -1,0 +1,568 @@
+"""esft analyze: every analysis on synthetic checkpoints with known answers (tiny model, CPU, fast).
+
+A checkpoint is the tiny base model with a known delta written into its safetensors file; a fake run
+folder (config.yaml + checkpoints) stands in for a training run, so nothing here trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+from math import comb
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import build_tiny_model
+from safetensors.torch import load_file, save_file
+
+from esft.analysis import cli as analysis_cli
+from esft.analysis.cosine import update_cosine
+from esft.analysis.forgetting import StageMatrix, evaluate_stages
+from esft.analysis.interpolate import Interpolator, barrier, interpolate, lambda_grid
+from esft.analysis.kl import kl_drift
+from esft.analysis.passk import coverage, pass_at_k
+from esft.analysis.randomwalk import RandomWalk, from_config, from_seedlog, growth
+from esft.analysis.weights import histogram_edges, update_stats
+from esft.engines import Sampling, build_engine
+from esft.errors import ConfigError
+from esft.evaluate import evaluate
+from esft.runstore import RunStore
+from esft.tasks import load_task
+from esft.tasks.base import RewardPart, Task, answer_accuracy
+
+DOWN0 = "model.layers.0.mlp.down_proj.weight"  # (32, 64)
+Q1 = "model.layers.1.self_attn.q_proj.weight"  # (32, 32)
+
+
+def variant(base: Path, dest: Path, edit) -> Path:
+    """A copy of model folder ``base`` whose tensors ``edit(dict)`` changed in place."""
+    shutil.copytree(base, dest)
+    tensors = load_file(base / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def fake_run(root: Path, base: Path, checkpoints: dict[int, Path], **config) -> Path:
+    """A run folder as the trainers leave it: config.yaml (with model_path) and HF checkpoints."""
+    store = RunStore(root)
+    store.write_config(
+        {
+            "task": "conciseness",
+            "alpha": 1e-3,
+            "population": 4,
+            "sigma": 1e-3,
+            "iterations": max(checkpoints, default=0),
+            "max_new_tokens": 6,
+            "dtype": "float32",
+            "device": "cpu",
+            "model_path": str(base),
+            **config,
+        }
+    )
+    for it, folder in checkpoints.items():
+        store.save_checkpoint(it, lambda tmp, f=folder: _copy_into(f, tmp), {})
+    return root
+
+
+def _copy_into(src: Path, dest: Path) -> None:
+    for f in src.iterdir():
+        shutil.copy2(f, dest / f.name)
+
+
+def add_const(name: str, c: float, every: int = 1):
+    """Edit: add ``c`` to every ``every``-th coordinate of tensor ``name``."""
+
+    def edit(t):
+        flat = t[name].view(-1)
+        flat[::every] += c
+
+    return edit
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tmp_path_factory):
+    """Checkpoints of the tiny model with known deltas."""
+    root = tmp_path_factory.mktemp("analysis")
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(32, 64, generator=gen) * 1e-2
+    other = torch.randn(32, 32, generator=gen) * 1e-2
+
+    def plus(t):
+        t[DOWN0] += delta
+
+    def minus(t):
+        t[DOWN0] -= delta
+
+    def ortho(t):
+        t[Q1] += other
+
+    def known(t):  # 1.5e-3 on all of DOWN0, -4e-3 on every 4th coordinate of Q1
+        add_const(DOWN0, 1.5e-3)(t)
+        add_const(Q1, -4e-3, every=4)(t)
+
+    def big(t):  # a large random update of every matrix: changes greedy outputs
+        g = torch.Generator().manual_seed(2)
+        for name, x in t.items():
+            if x.ndim == 2:
+                t[name] = x + torch.randn(x.shape, generator=g) * 0.2
+
+    return {
+        "base": tiny_model,
+        "plus": variant(tiny_model, root / "plus", plus),
+        "plus2": variant(tiny_model, root / "plus2", plus),
+        "minus": variant(tiny_model, root / "minus", minus),
+        "ortho": variant(tiny_model, root / "ortho", ortho),
+        "known": variant(tiny_model, root / "known", known),
+        "big": variant(tiny_model, root / "big", big),
+        "root": root,
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="esft")
+    analysis_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["analyze", *argv])
+
+
+def has_e_task() -> Task:
+    """A task with a 1/0 answer part: the completion contains the letter e."""
+    rows = [{"prompt": p} for p in ("Solve: 3 + 5", "The answer is", "reasoning", "think")]
+
+    def answer(prompts, completions, **kw):
+        return [float("e" in c) for c in completions]
+
+    return Task("has_e", lambda split: rows, [RewardPart("answer", answer)], metrics=answer_accuracy)
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+
+def test_known_delta_gives_known_norms_sparsity_and_breakdown(models):
+    base = load_file(models["base"] / "model.safetensors")
+    stats = update_stats(models["base"], models["known"])
+    total = sum(t.numel() for t in base.values())
+    base_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in base.values()))
+    want = math.sqrt(2048 * 1.5e-3**2 + 256 * 4e-3**2)
+    assert stats.total.numel == total
+    assert stats.total.norm == pytest.approx(want, rel=1e-4)
+    assert stats.total.base_norm == pytest.approx(base_norm, rel=1e-9)
+    assert stats.total.relative_norm == pytest.approx(want / base_norm, rel=1e-4)
+    assert stats.tau == 1e-6
+    assert stats.total.sparsity == (total - 2048 - 256) / total
+    assert stats.total.max_abs == pytest.approx(4e-3, rel=1e-4)
+    # per layer: layer 0 holds the down_proj change, layer 1 the q_proj change, the rest is untouched
+    assert stats.layers["layers.0"].norm == pytest.approx(1.5e-3 * math.sqrt(2048), rel=1e-4)
+    assert stats.layers["layers.1"].norm == pytest.approx(4e-3 * math.sqrt(256), rel=1e-4)
+    assert stats.layers["embed"].norm == 0 and stats.layers["lm_head"].norm == 0
+    assert stats.layers["norm"].sparsity == 1.0
+    assert list(stats.layers) == ["embed", "layers.0", "layers.1", "norm", "lm_head"]
+    # per module type: q = 2 weights of 32x32 + 2 biases of 32, a quarter of one weight changed
+    q = stats.modules["q"]
+    assert q.numel == 2 * 1024 + 2 * 32 and q.sparsity == (q.numel - 256) / q.numel
+    assert stats.modules["down"].norm == pytest.approx(1.5e-3 * math.sqrt(2048), rel=1e-4)
+    assert stats.modules["down"].sparsity == 0.5  # one of two down_proj matrices changed
+    for kind in ("k", "v", "o", "gate", "up", "norm", "embed", "lm_head"):
+        assert stats.modules[kind].norm == 0, kind
+    assert sum(m.numel for m in stats.modules.values()) == total
+    # histogram over the changed tensors: 768 zeros, 2048 at 1.5e-3, 256 at 4e-3
+    hist = stats.histogram
+    assert stats.changed_tensors == [DOWN0, Q1] and stats.changed_numel == 2048 + 1024
+    assert hist.total == 3072 and hist.counts[0] == 768
+
+    def bin_of(x):
+        return next(i for i, (lo, hi) in enumerate(hist.bins()) if lo <= x < hi)
+
+    assert hist.counts[bin_of(1.5e-3)] == 2048 and hist.counts[bin_of(4e-3)] == 256
+    # tau is settable: 2e-3 counts the 1.5e-3 changes as unchanged, not the 4e-3 ones
+    assert update_stats(models["base"], models["known"], tau=2e-3).total.sparsity == (total - 256) / total
+
+
+def test_histogram_edges_are_log_spaced():
+    edges = histogram_edges(2)
+    assert edges[0] == pytest.approx(1e-10) and edges[-1] == pytest.approx(10.0)
+    ratios = {round(b / a, 9) for a, b in itertools.pairwise(edges)}
+    assert ratios == {round(10**0.5, 9)}
+
+
+def test_random_walk_derivation_matches_simulation():
+    """ES steps alpha/N sum z_n eps_n with z independent of eps: ||delta|| ~ alpha sqrt(T d / N)."""
+    gen = torch.Generator().manual_seed(0)
+    alpha, n, t_iters, d = 1e-2, 10, 20, 20_000
+    theta = torch.zeros(d, dtype=torch.float64)
+    rows = []
+    for t in range(1, t_iters + 1):
+        r = torch.randn(n, generator=gen, dtype=torch.float64)
+        z = (r - r.mean()) / r.std(unbiased=False)
+        eps = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        theta += alpha / n * (z[:, None] * eps).sum(0)
+        rows.append(
+            {"iteration": t, "members": [[s, 1] for s in range(n)], "weights": z.tolist(), "alpha": alpha}
+        )
+    config = {"alpha": alpha, "population": n}
+    walk = from_config(config, t_iters)
+    assert walk.variance == pytest.approx(alpha**2 * t_iters / n)
+    assert walk.expected_norm(d) == pytest.approx(alpha * math.sqrt(t_iters * d / n))
+    assert float(theta.norm()) == pytest.approx(walk.expected_norm(d), rel=0.03)
+    # the seed log's exact sum equals the closed form for z-scores (sum z^2 = N)
+    assert from_seedlog(rows, t_iters, config).variance == pytest.approx(walk.variance, rel=1e-9)
+    assert from_seedlog(rows, t_iters + 1, config) is None  # the log does not cover T + 1
+    # antithetic pair: one noise draw with coefficient w+ - w-; a flat iteration adds nothing
+    pair = [{"iteration": 1, "members": [[7, 1], [7, -1]], "weights": [1.0, -1.0], "alpha": 0.5}]
+    assert from_seedlog(pair, 1, {"alpha": 0.5, "population": 2}).variance == pytest.approx(
+        (0.5 / 2) ** 2 * 4
+    )
+    flat = [{"iteration": 1, "members": [[1, 1], [2, 1]], "weights": [0.0, 0.0], "alpha": 0.5}]
+    assert from_seedlog(flat, 1, {"alpha": 0.5, "population": 2}).variance == 0
+    assert from_config({"trainer": "grpo", "alpha": 1.0, "population": 2}, 3) is None
+    # expected histogram shares are |N(0, s^2)| bin probabilities: they sum to 1
+    s = RandomWalk(alpha, n, t_iters, walk.variance, "config")
+    edges = histogram_edges(4)
+    probs = [s.bin_probability(lo, hi) for lo, hi in zip([0.0, *edges], [*edges, math.inf], strict=True)]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-12)
+    sd = math.sqrt(walk.variance)
+    assert s.bin_probability(0, sd) == pytest.approx(0.6826894921, rel=1e-9)
+
+
+def test_growth_across_checkpoints(models, tmp_path):
+    run = fake_run(tmp_path / "run", models["base"], {1: models["plus"], 2: models["known"]})
+    result = growth(RunStore(run), models["base"])
+    d = 2048 + 1024  # tensors changed in any checkpoint: DOWN0 and Q1
+    assert result.trained_numel == d
+    norms = {p.iteration: p.norm for p in result.points}
+    assert norms[2] == pytest.approx(math.sqrt(2048 * 1.5e-3**2 + 256 * 4e-3**2), rel=1e-4)
+    for p in result.points:
+        assert p.expected_config == pytest.approx(1e-3 * math.sqrt(p.iteration * d / 4))
+        assert p.expected_seedlog is None and p.ratio == pytest.approx(p.norm / p.expected_config)
+
+
+# -- cosine --------------------------------------------------------------------------------------
+
+
+def test_cosine_same_opposite_and_orthogonal_updates(models):
+    base = models["base"]
+    same = update_cosine(base, models["plus"], models["plus2"])
+    assert same.total.cosine == 1.0
+    assert same.layers["layers.0"].cosine == 1.0 and math.isnan(same.layers["layers.1"].cosine)
+    opposite = update_cosine(base, models["plus"], models["minus"])
+    assert opposite.total.cosine == pytest.approx(-1.0, abs=1e-6)
+    assert opposite.modules["down"].cosine == pytest.approx(-1.0, abs=1e-6)
+    ortho = update_cosine(base, models["plus"], models["ortho"])
+    assert ortho.total.cosine == 0.0  # disjoint tensors: the dot product is exactly 0
+    assert ortho.total.row()["norm_a"] == pytest.approx(same.total.row()["norm_a"])
+    assert math.isnan(ortho.layers["layers.0"].cosine) and math.isnan(ortho.layers["layers.1"].cosine)
+
+
+def test_mismatched_base_is_a_one_line_error(models, tmp_path):
+    tied = build_tiny_model(tmp_path / "tied", tie=True)  # no lm_head tensor: other names
+
+    def reshape(t):
+        t[DOWN0] = t[DOWN0][:, :32].contiguous()
+
+    narrow = variant(models["base"], tmp_path / "narrow", reshape)
+    for bad in (tied, narrow):
+        with pytest.raises(ConfigError) as e:
+            update_cosine(bad, models["plus"], models["minus"])
+        assert "\n" not in str(e.value) and "base" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        analysis_cli.run(parse(["cosine", str(models["plus"]), str(models["minus"]), "--base", str(tied)]))
+    assert "\n" not in str(e.value)
+    # runs recorded with different bases are refused unless --base says which one to use
+    run_a = fake_run(tmp_path / "a", models["base"], {1: models["plus"]})
+    run_b = fake_run(tmp_path / "b", tied, {1: models["minus"]})
+    with pytest.raises(ConfigError, match="different bases") as e:
+        analysis_cli.run(parse(["cosine", str(run_a), str(run_b), "--quiet"]))
+    assert "\n" not in str(e.value)
+
+
+# -- KL ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engines(models):
+    base = build_engine("hf", str(models["base"]), dtype="float32", device="cpu")
+    big = build_engine("hf", str(models["big"]), dtype="float32", device="cpu")
+    return base, big
+
+
+def test_kl_of_a_model_with_itself_is_exactly_zero(engines, models):
+    base, _ = engines
+    twin = build_engine("hf", str(models["base"]), dtype="float32", device="cpu")
+    prompts = [r["prompt"] for r in load_task("conciseness").split("test")[:3]]
+    for other in (base, twin):  # the same engine, and a second copy of the same weights
+        est = kl_drift(base, other, prompts, 6, Sampling(2, 1.0, 1.0, seed=3))
+        assert est.sequences == 6 and est.tokens > 0
+        assert est.per_token_k1 == 0.0 and est.per_token_k3 == 0.0
+        assert est.per_sequence_k1 == 0.0 and est.per_sequence_k3 == 0.0
+
+
+def test_kl_from_a_changed_model_is_positive_and_seeded(engines):
+    base, big = engines
+    prompts = [r["prompt"] for r in load_task("conciseness").split("test")[:3]]
+    est = kl_drift(big, base, prompts, 6, Sampling(2, 1.0, 1.0, seed=0))
+    assert est.per_token_k3 > 0 and est.per_sequence_k3 > 0
+    again = kl_drift(big, base, prompts, 6, Sampling(2, 1.0, 1.0, seed=0))
+    assert again.per_token_k1 == est.per_token_k1 and again.per_token_k3 == est.per_token_k3
+    with pytest.raises(ConfigError):
+        kl_drift(big, base, prompts, 6, Sampling(1, 1.0, 0.9, 0))
+
+
+# -- interpolation -------------------------------------------------------------------------------
+
+
+def test_lambda_grid_and_barrier():
+    assert lambda_grid(5, -0.5, 1.5) == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    assert lambda_grid(2) == [0.0, 1.0] and lambda_grid(3, 0.2, 0.8) == [0.0, 0.2, 0.5, 0.8, 1.0]
+    assert barrier([0.0, 0.5, 1.0], [0.0, -1.0, 2.0]) == (2.0, 0.5)  # line at 0.5 is 1: a drop of 2
+    assert barrier([-0.5, 0.0, 1.0, 1.5], [5.0, 1.0, 1.0, 5.0]) == (None, None)  # no interior point
+    with pytest.raises(ConfigError):
+        lambda_grid(1)
+
+
+def test_interpolation_sets_exact_weights(engines, models):
+    base, _ = engines
+    interp = Interpolator(base, models["base"], models["known"])
+    original = base.parameters()[DOWN0].clone()
+    interp.set(0.5)
+    assert torch.allclose(base.parameters()[DOWN0], original + 0.75e-3, atol=1e-7)
+    interp.set(1.0)
+    assert torch.equal(base.parameters()[DOWN0], load_file(models["known"] / "model.safetensors")[DOWN0])
+    interp.set(-1.0)
+    assert torch.allclose(base.parameters()[DOWN0], original - 1.5e-3, atol=1e-7)
+    interp.set(0.0)
+    assert torch.equal(base.parameters()[DOWN0], original)
+
+
+def test_interpolation_between_identical_models_is_flat(engines, models):
+    base, _ = engines
+    task = load_task("conciseness")
+    lambdas = lambda_grid(5, -0.5, 1.5)
+    result = interpolate(
+        base, models["base"], models["base"], task, lambdas, limit=2, max_new_tokens=6,
+        kl_sampling=Sampling(1, 1.0, 1.0, 0),
+    )  # fmt: skip
+    rewards = [p.summary["reward"] for p in result.points]
+    assert [p.lam for p in result.points] == lambdas and len(set(rewards)) == 1
+    assert result.barriers()["reward"] == {"drop": 0.0, "lambda": 0.5}
+    assert all(p.kl.per_token_k1 == 0.0 and p.kl.per_token_k3 == 0.0 for p in result.points)
+
+
+# -- pass@k --------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_hand_values_and_brute_force():
+    # n = 5, c = 2: 1 - C(3, k) / C(5, k)
+    assert [pass_at_k(5, 2, k) for k in range(1, 6)] == pytest.approx([0.4, 0.7, 0.9, 1.0, 1.0])
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                labels = [1] * c + [0] * (n - c)
+                subsets = list(itertools.combinations(labels, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+                assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    assert pass_at_k(2000, 3, 1000) == pytest.approx(1 - comb(1997, 1000) / comb(2000, 1000), rel=1e-9)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_coverage_counts_distinct_correct_answers():
+    def s(index, completion, ok):
+        return {"index": index, "completion": completion, "reward": float(ok), "parts": {"answer": float(ok)}}
+
+    samples = [
+        s(0, "so <answer>3</answer>", True),
+        s(0, "hence <answer> 3 </answer>", True),
+        s(0, "<answer>4</answer>", True),
+        s(0, "no idea", False),
+        *(s(1, "x", False) for _ in range(4)),
+    ]
+    cov = coverage("m", samples, 4)
+    assert cov.pass_at[1] == pytest.approx((3 / 4 + 0) / 2)
+    assert cov.pass_at[2] == pytest.approx((1 - comb(1, 2) / comb(4, 2) + 0) / 2)
+    assert cov.correct_samples == 3 and cov.solved_prompts == 1
+    assert cov.distinct_correct_answers == 2 and cov.distinct_answer_share == pytest.approx(2 / 3)
+    assert cov.distinct_completion_share == 1.0 and cov.distinct_answers_per_solved == 2
+    no_answer = [{**x, "parts": {"length": -1.0}} for x in samples]
+    with pytest.raises(ConfigError, match="correct-reward"):
+        coverage("m", no_answer, 4)
+    assert coverage("m", no_answer, 4, threshold=1.0).correct_samples == 3
+
+
+def test_coverage_agrees_with_evaluate_pass_and_mean_at_n(engines):
+    base, _ = engines
+    summary, samples = evaluate(
+        base, has_e_task(), "test", max_new_tokens=6, sampling=Sampling(4, 1.0, 1.0, 0)
+    )
+    cov = coverage("base", samples, 4)
+    assert cov.pass_at[4] == pytest.approx(summary["pass@4"])
+    assert cov.pass_at[1] == pytest.approx(summary["mean@4"])  # pass@1 = mean of c/n over prompts
+
+
+# -- forgetting ----------------------------------------------------------------------------------
+
+
+def test_forgetting_matrix_matches_direct_evaluation(models, tmp_path):
+    run = fake_run(tmp_path / "run", models["base"], {1: models["known"], 2: models["big"]})
+    store = RunStore(run)
+    tasks = [load_task("conciseness"), has_e_task()]
+    engine = build_engine("hf", str(models["base"]), dtype="float32", device="cpu")
+    stages = [("base", None)] + [(f"iter-{i}", f) for i, f in store.checkpoints().items()]
+    matrix = evaluate_stages(engine, stages, tasks, limit=2, max_new_tokens=6)
+    assert matrix.stages == ["base", "iter-1", "iter-2"] and matrix.tasks == ["conciseness", "has_e"]
+    assert matrix.metric == {"conciseness": "reward", "has_e": "accuracy"}
+    for label, folder in [("base", models["base"]), ("iter-1", models["known"]), ("iter-2", models["big"])]:
+        direct = build_engine("hf", str(folder), dtype="float32", device="cpu")
+        for task in tasks:
+            summary, _ = evaluate(direct, task, "test", limit=2, max_new_tokens=6, progress=False)
+            key = "accuracy" if task.name == "has_e" else "reward"
+            assert matrix.values[label][task.name] == summary[key], (label, task.name)
+    values = matrix.values
+    for t in matrix.tasks:
+        assert matrix.forgetting()[t] == max(values["base"][t], values["iter-1"][t]) - values["iter-2"][t]
+
+
+def test_forgetting_definition():
+    m = StageMatrix(["base", "A", "B"], ["a", "b"])
+    m.values = {"base": {"a": 0.1, "b": 0.5}, "A": {"a": 0.9, "b": 0.4}, "B": {"a": 0.6, "b": 0.7}}
+    assert m.forgetting() == pytest.approx({"a": 0.3, "b": -0.2})
+    assert m.change() == pytest.approx({"a": 0.5, "b": 0.2})
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_weights_growth_kl_interpolate_and_json(models, tmp_path, capsys):
+    run = fake_run(tmp_path / "run", models["base"], {1: models["plus"], 2: models["known"]})
+    seedlog = RunStore(run)
+    for t in (1, 2):  # z-scores of 4 members: sum z^2 = 4 = N
+        seedlog.append_seedlog(
+            {
+                "iteration": t,
+                "members": [[s, 1] for s in range(4)],
+                "weights": [1.0, -1.0, 1.0, -1.0],
+                "alpha": 1e-3,
+            }
+        )
+    args = parse(["weights", str(run), "--quiet"])
+    assert args.analysis == "weights" and args.tau is None
+    assert analysis_cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "tau = 1e-06" in out and "per module type" in out and "random walk" in out
+    data = json.loads((run / "analysis" / "weights-run@2.json").read_text())
+    assert data["tau"] == 1e-6 and data["changed_numel"] == 3072
+    assert data["random_walk"]["source"] == "seedlog"
+    assert data["random_walk"]["variance"] == pytest.approx(2 * 1e-6 / 4)
+    assert data["total"]["norm"] == pytest.approx(math.sqrt(2048 * 1.5e-3**2 + 256 * 4e-3**2), rel=1e-4)
+
+    # RUN@ITER, --checkpoint and --json; RUN@0 is the base itself (a zero update)
+    out_json = tmp_path / "w1.json"
+    assert (
+        analysis_cli.run(parse(["weights", f"{run}@1", "--tau", "0.5", "--json", str(out_json), "--quiet"]))
+        == 0
+    )
+    assert json.loads(out_json.read_text())["total"]["sparsity"] == 1.0
+    assert (
+        analysis_cli.run(
+            parse(["weights", str(run), "--checkpoint", "0", "--json", str(out_json), "--quiet"])
+        )
+        == 0
+    )
+    assert json.loads(out_json.read_text())["total"]["norm"] == 0.0
+    with pytest.raises(ConfigError, match="no checkpoint 7"):
+        analysis_cli.run(parse(["weights", f"{run}@7", "--quiet"]))
+    with pytest.raises(ConfigError, match="--base"):
+        analysis_cli.run(parse(["weights", str(models["plus"]), "--quiet"]))
+
+    assert analysis_cli.run(parse(["growth", str(run), "--quiet"])) == 0
+    growth_json = json.loads((run / "analysis" / "growth-run.json").read_text())
+    assert [p["iteration"] for p in growth_json["points"]] == [1, 2]
+    assert growth_json["points"][1]["expected_seedlog"] == pytest.approx(1e-3 * math.sqrt(2 * 3072 / 4))
+
+    argv = [
+        "kl",
+        str(run),
+        "--task",
+        "conciseness",
+        "--limit",
+        "2",
+        "--quiet",
+        "--json",
+        str(tmp_path / "kl.json"),
+    ]
+    assert analysis_cli.run(parse(argv)) == 0
+    kl = json.loads((tmp_path / "kl.json").read_text())["tasks"]["conciseness"]
+    assert kl["sequences"] == 2 and kl["per_token_k3"] >= 0 and "k3" in kl["estimator"]
+    assert "k1/token" in capsys.readouterr().out
+
+    argv = ["interpolate", str(run), "--points", "3", "--range", "-0.5", "1.5", "--limit", "2", "--quiet"]
+    assert analysis_cli.run(parse(argv)) == 0
+    interp = json.loads((run / "analysis" / "interpolate-base-run@2-conciseness.json").read_text())
+    assert [p["lambda"] for p in interp["points"]] == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    assert interp["points"][1]["kl"]["per_token_k3"] == 0.0  # lambda = 0 is the first endpoint itself
+    assert "reward" in interp["barriers"]
+
+
+def test_cli_forgetting_sequential_and_passk(models, tmp_path, capsys):
+    run_a = fake_run(tmp_path / "a", models["base"], {1: models["known"]})
+    ckpt_a = RunStore(run_a).checkpoints()[1]
+    run_b = fake_run(tmp_path / "b", ckpt_a, {1: models["big"]})
+
+    assert analysis_cli.run(parse(["forgetting", str(run_a), "--limit", "2", "--quiet"])) == 0
+    forgetting = json.loads((run_a / "analysis" / "forgetting-a.json").read_text())
+    assert forgetting["stages"] == ["base", "iter-1"] and forgetting["tasks"] == ["conciseness"]
+
+    argv = ["sequential", str(run_a), str(run_b), "--tasks", "conciseness", "--limit", "2", "--quiet"]
+    assert analysis_cli.run(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out  # b started from a's final checkpoint
+    seq = json.loads((run_b / "analysis" / "sequential-a@1-b@1.json").read_text())
+    assert seq["stages"] == ["base", "a@1", "b@1"]
+    values = seq["values"]
+    assert values["a@1"]["conciseness"] == forgetting["values"]["iter-1"]["conciseness"]
+    assert seq["forgetting"]["conciseness"] == pytest.approx(
+        max(values["base"]["conciseness"], values["a@1"]["conciseness"]) - values["b@1"]["conciseness"]
+    )
+
+    argv = [
+        "passk",
+        f"{run_a}@0",
+        str(run_a),
+        "--samples",
+        "3",
+        "--limit",
+        "2",
+        "--correct-reward",
+        "-30",
+        "--quiet",
+    ]
+    assert analysis_cli.run(parse(argv)) == 0
+    passk = json.loads((run_a / "analysis" / "passk-conciseness-a@0-a@1.json").read_text())
+    assert [m["model"] for m in passk["models"]] == ["a@0", "a@1"]
+    assert list(passk["models"][0]["pass_at"]) == ["1", "2", "3"]
+    for m in passk["models"]:
+        assert m["pass_at"]["1"] <= m["pass_at"]["2"] <= m["pass_at"]["3"]
+    with pytest.raises(ConfigError, match="correct-reward"):
+        analysis_cli.run(parse(["passk", str(run_a), "--samples", "2", "--limit", "1", "--quiet"]))
+
+
+def test_analysis_never_imports_the_trainers():
+    """No module of esft.analysis imports a trainer (or the main CLI, which imports them)."""
+    import ast
+
+    import esft.analysis
+
+    forbidden = {"esft.trainer", "esft.grpo", "esft.cli"}
+    for path in Path(esft.analysis.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            else:
+                continue
+            assert not names & forbidden, f"{path.name} imports {names & forbidden}"
