@@ -1,17 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_params
 
 from esft.es import Member, ParamSet, noise_for
-
-
-def make_params(dtype):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "a.weight": (torch.randn(64, 48, generator=g) * 0.05).to(dtype),
-        "b.weight": (torch.randn(64, 48, generator=g) * 0.05).to(dtype),
-        "c.bias": torch.randn(17, generator=g).to(dtype),
-    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

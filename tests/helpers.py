@@ -1,0 +1,76 @@
+"""Test helpers that need no pytest, so ``benchmarks/gpu_check.py`` can use them on a machine without it:
+a randomly initialised Qwen2-style model with a byte-level BPE tokenizer built in-process (no hub), and
+a small set of named tensors for the ES core's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if not (loop.last and m['role'] == 'assistant') %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_model(path: Path, tie: bool = False, seed: int = 0, **config: Any) -> Path:
+    """Save a random Qwen2 model and its tokenizer (a 296-token byte-level BPE) to ``path``.
+
+    ``config`` overrides the tiny Qwen2Config (e.g. a real model's sizes; ``vocab_size`` may exceed the
+    tokenizer's, whose ids are all smaller: generated ids it does not know decode to nothing)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        "Solve: 3 + 5 = 8. The answer is <answer> (1 + 2) / 3 </answer> <think> reasoning </think>"
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+    torch.manual_seed(seed)
+    settings: dict[str, Any] = {
+        "vocab_size": len(fast),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tie,
+        "eos_token_id": fast.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": fast.pad_token_id,
+        "bos_token_id": None,
+        **config,
+    }
+    model = Qwen2ForCausalLM(Qwen2Config(**settings))
+    model.generation_config.eos_token_id = settings["eos_token_id"]
+    model.generation_config.pad_token_id = settings["pad_token_id"]
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def make_params(dtype, device="cpu"):
+    """Three named tensors (two equal-shaped matrices and a vector) of ``dtype`` on ``device``; the
+    values are drawn on the CPU, so they are the same on every device."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "a.weight": (torch.randn(64, 48, generator=g) * 0.05).to(dtype),
+        "b.weight": (torch.randn(64, 48, generator=g) * 0.05).to(dtype),
+        "c.bias": torch.randn(17, generator=g).to(dtype),
+    }
+    return {k: v.to(device) for k, v in params.items()}

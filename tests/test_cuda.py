@@ -1,0 +1,324 @@
+"""Checks that need a CUDA GPU (marker ``cuda``; they skip without one): seeded noise is deterministic
+on the device for every scheme, perturb/restore is bit-exact in every dtype, the update is summed in
+float32 and cast once, the low-rank population hooks equal materialised perturbations, and a tiny ES
+run resumes and replays bit for bit.
+
+Each check is a plain function of (device, temporary folder) in ``CHECKS``, so
+``benchmarks/gpu_check.py`` runs them with pytest (``pytest -m cuda tests/test_cuda.py``) or, where pytest
+is missing, directly. ``ESFT_CHECK_DEVICE=cpu`` runs them on the CPU (the script's smoke test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from helpers import build_tiny_model, make_params
+
+from esft.es import Member, NoiseScheme, ParamSet, noise_for
+from esft.es import noise as noise_module
+from esft.es.lowrank import factors, lowrank_trainable, vector_noise
+
+try:
+    import pytest
+except ImportError:  # benchmarks/gpu_check.py runs CHECKS without pytest
+    pytest = None
+
+DEVICE = os.environ.get("ESFT_CHECK_DEVICE", "cuda")
+SCHEMES = [s.value for s in NoiseScheme]  # independent, correlated, table, lowrank
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SkipCheck(Exception):
+    """The check cannot run here (a missing optional package); not a failure."""
+
+
+def _on(t: torch.Tensor, device: str) -> bool:
+    return t.device.type == torch.device(device).type
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+# -- noise ----------------------------------------------------------------------------------------
+
+
+def check_noise_deterministic(scheme: str, device: str, tmp: Path) -> None:
+    """Same (seed, name) -> the same float32 noise on the device, twice and from two fresh ParamSets;
+    another seed (and, except for correlated, another name) -> unrelated noise."""
+    if scheme == "lowrank":
+        a, b = factors((512, 384), 7, "x.weight", 4, device)
+        a2, b2 = factors((512, 384), 7, "x.weight", 4, device)
+        assert _on(a, device) and a.dtype == torch.float32
+        assert torch.equal(a, a2) and torch.equal(b, b2)
+        assert not torch.equal(a, factors((512, 384), 7, "y.weight", 4, device)[0])
+        assert not torch.equal(a, factors((512, 384), 8, "x.weight", 4, device)[0])
+        eps = a @ b.T
+        assert abs(float(eps.mean())) < 0.02 and 0.9 < float(eps.var()) < 1.1
+        assert torch.equal(vector_noise(1000, 7, "x.bias", device), vector_noise(1000, 7, "x.bias", device))
+    else:
+        shape = (300, 5000)  # 1.5M values: table noise spans two table chunks
+        a = noise_for(shape, 3, "x.weight", device, scheme)
+        assert _on(a, device) and a.dtype == torch.float32
+        assert torch.equal(a, noise_for(shape, 3, "x.weight", device, scheme))
+        assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1.0) < 0.01
+        other_seed = noise_for(shape, 4, "x.weight", device, scheme)
+        assert not torch.equal(a, other_seed) and abs(_corr(a, other_seed)) < 0.01
+        other_name = noise_for(shape, 3, "y.weight", device, scheme)
+        if scheme == "correlated":  # the reference code's scheme: the bare seed for every tensor
+            assert torch.equal(a, other_name)
+        else:
+            assert abs(_corr(a, other_name)) < 0.01
+        if scheme == "table":  # the table itself is drawn deterministically: drop it, draw it again
+            for key in [k for k in noise_module._tables if k[0].startswith(torch.device(device).type)]:
+                del noise_module._tables[key]
+            assert torch.equal(a, noise_for(shape, 3, "x.weight", device, scheme))
+    perturbed = []
+    for _ in range(2):  # two fresh ParamSets over the same weights perturb identically
+        params = make_params(torch.float32, device)
+        ps = ParamSet(params, scheme=scheme, rank=2)
+        ps.perturb(Member(5, -1), 1e-2)
+        perturbed.append({k: v.clone() for k, v in params.items()})
+    assert all(torch.equal(perturbed[0][k], perturbed[1][k]) for k in perturbed[0])
+
+
+# -- perturb, restore, update ---------------------------------------------------------------------
+
+
+def check_restore_bit_exact(dtype: str, device: str, tmp: Path) -> None:
+    """Every scheme: perturb then restore gives back the exact bits, also after an update."""
+    for scheme in SCHEMES:
+        params = make_params(DTYPES[dtype], device)
+        original = {k: v.clone() for k, v in params.items()}
+        ps = ParamSet(params, scheme=scheme, rank=2)
+        for seed in (1, 2, 3):
+            ps.perturb(Member(seed, 1 if seed % 2 else -1), sigma=1e-3)
+            assert any(not torch.equal(params[k], original[k]) for k in params), scheme
+            ps.restore()
+            for k in params:
+                assert torch.equal(params[k], original[k]), f"{scheme} {k}"
+        ps.update([Member(1), Member(2)], [1.0, -1.0], 1e-2)
+        after = {k: v.clone() for k, v in params.items()}
+        assert any(not torch.equal(after[k], original[k]) for k in params), scheme
+        ps.perturb(Member(3), 1e-3)
+        ps.restore()
+        for k in params:
+            assert torch.equal(params[k], after[k]), f"{scheme} {k} after an update"
+
+
+def check_update_fp32_cast_once(device: str, tmp: Path) -> None:
+    """tests/test_params.py's bf16 case on the device: each member's step is below half a bf16 ulp at
+    1.0, only their sum is not; summing in fp32 and casting once matches float64, 30 bf16 adds do not."""
+    import numpy as np
+
+    n, alpha = 30, 0.1
+    params = {"w": torch.ones(8192, dtype=torch.bfloat16, device=device)}
+    members = [Member(s) for s in range(n)]
+    z = np.random.default_rng(0).standard_normal(n).tolist()
+    ParamSet(params).update(members, z, alpha=alpha)
+    exact = torch.ones(8192, dtype=torch.float64, device=device)
+    naive = torch.ones(8192, dtype=torch.bfloat16, device=device)
+    for m, w in zip(members, z, strict=True):
+        step = alpha / n * w * noise_for((8192,), m.seed, "w", device).double()
+        exact += step
+        naive += step.to(torch.bfloat16)
+    exact = exact.to(torch.bfloat16)
+    assert float((params["w"] == exact).float().mean()) > 0.99
+    assert float((naive == exact).float().mean()) < 0.8
+
+
+def check_update_matches_float64(scheme: str, device: str, tmp: Path) -> None:
+    """The float32 update equals the float64 sum of each member's noise drawn on the device."""
+    params = make_params(torch.float32, device)
+    before = {k: v.double().clone() for k, v in params.items()}
+    members = [Member(11), Member(12, -1), Member(13), Member(11, -1)]
+    z, alpha = [1.2, -0.3, 0.5, -1.4], 5e-2
+    ParamSet(params, scheme=scheme, rank=2).update(members, z, alpha)
+    for name, t in params.items():
+        acc = torch.zeros_like(before[name])
+        for m, w in zip(members, z, strict=True):
+            if scheme != "lowrank":
+                eps = noise_for(t.shape, m.seed, name, device, scheme)
+            elif t.ndim == 2:
+                a, b = factors(t.shape, m.seed, name, 2, device)
+                eps = a @ b.T
+            else:
+                eps = vector_noise(t.numel(), m.seed, name, device)
+            acc += w * m.sign * eps.double()
+        expected = before[name] + alpha / len(members) * acc
+        torch.testing.assert_close(t.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+# -- low-rank population batching -----------------------------------------------------------------
+
+
+def _logits(engine, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = engine.tokenizer(texts, return_tensors="pt", padding=True).to(engine.device)
+    with torch.no_grad():
+        return engine.model(**enc).logits.float(), enc["attention_mask"].bool()
+
+
+def check_lowrank_forward(dtype: str, tie: bool, device: str, tmp: Path) -> None:
+    """The hooked batched forward equals each member's materialised perturbation (tests/test_lowrank.py
+    on the device). float32: to 1e-4. bfloat16: both are compared with the exact (float32) perturbed
+    model: the hooks must be within 10% of the perturbation's effect and about as accurate (RMS error
+    under 5x) as the materialised bf16 weights, which round the perturbed weights once."""
+    from esft.engines.hf import HFEngine
+    from esft.engines.population import PopulationHooks
+
+    engine = HFEngine(build_tiny_model(tmp / "m", tie=tie), dtype=dtype, device=device)
+    params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=2)
+    assert all(_on(t, device) for t in params.params.values())
+    prompts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]  # different lengths: left padding
+    members = [Member(11), Member(12, -1), Member(13)]
+    sigma = 0.05  # large, so a missed layer would show
+    base, real = _logits(engine, prompts)
+    with PopulationHooks(engine.model, params) as hooks:
+        hooks.prepare(members, sigma, engine.dtype)
+        batched, _ = _logits(engine, prompts * len(members))
+    exact = None
+    if dtype != "float32":  # the exact perturbed model: float32 weights equal to the rounded ones
+        exact = HFEngine(tmp / "m", dtype="float32", device=device)
+        with torch.no_grad():
+            for name, t in exact.parameters().items():
+                t.copy_(engine.parameters()[name].float())
+        exact_params = ParamSet(lowrank_trainable(exact.parameters()), scheme="lowrank", rank=2)
+    for i, m in enumerate(members):
+        params.perturb(m, sigma)
+        single, _ = _logits(engine, prompts)
+        params.restore()
+        got = batched[i * 2 : i * 2 + 2]
+        effect = float((single - base)[real].abs().max())
+        assert effect > 1e-3, f"the perturbation does not change the logits ({effect})"
+        if exact is None:
+            torch.testing.assert_close(got[real], single[real], atol=1e-4, rtol=1e-4)
+        else:
+            exact_params.perturb(m, sigma)
+            truth, _ = _logits(exact, prompts)
+            exact_params.restore()
+            hooked, weights = (got - truth)[real], (single - truth)[real]
+            rms = float(hooked.pow(2).mean().sqrt()), float(weights.pow(2).mean().sqrt())
+            # on CPU, bf16: max error 1-2.5% of the effect, RMS 1.3-2.3x the materialised weights'
+            assert float(hooked.abs().max()) < 0.1 * effect, (float(hooked.abs().max()), effect)
+            assert rms[0] < 5 * rms[1], f"hooked RMS error {rms[0]:.3g}, materialised {rms[1]:.3g}"
+    after, _ = _logits(engine, prompts)
+    assert torch.equal(after, base)  # hooks removed, weights untouched
+
+
+def check_lowrank_generate(device: str, tmp: Path) -> None:
+    """generate_population == member-by-member generate with materialised noise (float32), in batches of
+    two members and one member at a time."""
+    from esft.engines.hf import HFEngine
+
+    engine = HFEngine(build_tiny_model(tmp / "m"), dtype="float32", device=device, batch_size=4)
+    params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=1)
+    prompts = ["Solve: 3 + 5", "The answer"]
+    members = [Member(s, sign) for s in (1, 2, 3) for sign in (1, -1)]
+    groups = engine.generate_population(prompts, members, params, 0.05, 8)
+    texts = set()
+    for m, gens in zip(members, groups, strict=True):
+        params.perturb(m, 0.05)
+        ref = engine.generate(prompts, 8)
+        params.restore()
+        assert [g.text for g in gens] == [g.text for g in ref], m
+        texts.add(tuple(g.text for g in gens))
+    assert len(texts) > 1  # members really generate differently
+    engine.batch_size = 1
+    small = engine.generate_population(prompts, members[:2], params, 0.05, 8)
+    assert [[g.text for g in gens] for gens in small] == [[g.text for g in gens] for gens in groups[:2]]
+
+
+# -- a whole run ----------------------------------------------------------------------------------
+
+
+def check_resume_bit_identical(noise: str, device: str, tmp: Path) -> None:
+    """A tiny bf16 ES run on the device: 3 iterations straight == 1 iteration, then resumed to 3; and
+    replay from the seed log reproduces the final checkpoint bit for bit."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise SkipCheck("esft train logs to tensorboard, which is not installed")
+    from safetensors.torch import load_file
+
+    from esft.config import ESConfig
+    from esft.replay import compare_weights, replay
+    from esft.runstore import RunStore
+    from esft.trainer import ESTrainer
+
+    model = build_tiny_model(tmp / "model")
+    config = ESConfig(
+        model=str(model),
+        task="conciseness",
+        population=4,
+        sigma=0.05,
+        alpha=0.05,
+        max_new_tokens=12,
+        seed=3,
+        noise=noise,
+        rank=2,
+        device=device,
+        dtype="bfloat16",
+        checkpoint_every=1,
+        iterations=3,
+        output=str(tmp / "straight"),
+    )
+
+    def run(iterations: int, output: str, resume: bool = False) -> Path:
+        cfg = dataclasses.replace(config, iterations=iterations, output=output)
+        ESTrainer(cfg, resume=resume, progress=False).train()
+        return RunStore(output).checkpoints()[iterations]
+
+    straight = run(3, str(tmp / "straight"))
+    run(1, str(tmp / "resumed"))
+    resumed = run(3, str(tmp / "resumed"), resume=True)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    base = load_file(str(model / "model.safetensors"))
+    assert any(not torch.equal(base[k].bfloat16(), a[k]) for k in a), "training changed nothing"
+    assert set(a) == set(b)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"resumed run differs from the straight run in {differ[0]} (+{len(differ) - 1})"
+    engine, _ = replay(tmp / "straight", 3, progress=False)
+    assert all(_on(t, device) for t in engine.parameters().values())
+    same, diff = compare_weights(engine.parameters(), straight)
+    assert same, f"replay differs from the checkpoint (max abs difference {diff:g})"
+
+
+Check = Callable[[str, Path], None]
+CHECKS: dict[str, Check] = {
+    **{f"noise_deterministic-{s}": functools.partial(check_noise_deterministic, s) for s in SCHEMES},
+    **{f"restore_bit_exact-{d}": functools.partial(check_restore_bit_exact, d) for d in DTYPES},
+    "update_fp32_cast_once-bfloat16": check_update_fp32_cast_once,
+    **{
+        f"update_matches_float64-{s}": functools.partial(check_update_matches_float64, s)
+        for s in ("independent", "table", "lowrank")
+    },
+    "lowrank_forward-float32": functools.partial(check_lowrank_forward, "float32", False),
+    "lowrank_forward-float32-tied": functools.partial(check_lowrank_forward, "float32", True),
+    "lowrank_forward-bfloat16": functools.partial(check_lowrank_forward, "bfloat16", False),
+    "lowrank_generate-float32": check_lowrank_generate,
+    **{
+        f"resume_bit_identical-{n}": functools.partial(check_resume_bit_identical, n)
+        for n in ("independent", "lowrank")
+    },
+}
+
+
+if pytest is not None:
+    pytestmark = [
+        pytest.mark.cuda,
+        pytest.mark.skipif(
+            DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+            reason="needs a CUDA GPU (ESFT_CHECK_DEVICE=cpu runs these checks on the CPU)",
+        ),
+    ]
+
+    @pytest.mark.parametrize("name", list(CHECKS))
+    def test_cuda(name, tmp_path):
+        try:
+            CHECKS[name](DEVICE, tmp_path)
+        except SkipCheck as e:
+            pytest.skip(str(e))
