@@ -37,7 +37,7 @@ from esft.engines.hf import HFEngine
 from esft.errors import ConfigError
 from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
-from esft.resources import peak_memory
+from esft.resources import peak_memory, reset_peak
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 from esft.tasks.base import Scores, TrainerState, completion_text
@@ -201,6 +201,7 @@ class GRPORun:
 
         cfg, store, task = self.config, self.store, self.task
         engine = HFEngine(self.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+        reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
         if cfg.fixed_length:
             engine.min_new_tokens = self.max_new_tokens  # greedy evaluation too
         n_trainable = freeze_parameters(engine.model, cfg.freeze)

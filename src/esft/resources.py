@@ -1,13 +1,36 @@
-"""What a run costs besides time: peak memory of this process (and of the GPU), logged by both trainers."""
+"""What a run costs besides time: peak memory of this process (and of the GPU), logged by both trainers.
+
+Both trainers call ``reset_peak()`` once the policy model is loaded, so ``perf/peak_rss_mb`` is the
+resident high-water mark of training itself (model weights included; the transient copies of loading
+excluded). On Linux the mark is VmHWM of /proc/self/status, reset by writing 5 to /proc/self/clear_refs;
+elsewhere it is getrusage's lifetime maximum and cannot be reset.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 
 
+def reset_peak() -> None:
+    """Start a new resident-memory high-water mark (Linux) and a new CUDA peak."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (the OS high-water mark: it never goes down)."""
+    """Peak resident memory of this process since the last reset_peak (Linux) or ever, in MiB."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

@@ -30,7 +30,7 @@ from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_member
 from esft.es.lowrank import lowrank_trainable
 from esft.evaluate import evaluate, format_summary
 from esft.models import resolve_model
-from esft.resources import peak_memory
+from esft.resources import peak_memory, reset_peak
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 from esft.tasks.base import TrainerState, nanmean
@@ -339,6 +339,7 @@ class ESTrainer:
     def _train(self) -> TrainResult:
         cfg, store, task = self.config, self.store, self.task
         start, engine, params = self._load_state(self.model_path)
+        reset_peak()  # perf/peak_rss_mb: training's high-water mark, not the transient copies of loading
         store.write_config({"trainer": "es", **cfg.to_dict(), "model_path": self.model_path})
         store.clean_temp()
         from torch.utils.tensorboard import SummaryWriter
