@@ -39,7 +39,8 @@ class UpdateStats:
 
 
 class ParamSet:
-    """The trainable tensors of a model, by name, with a pristine copy for exact restore.
+    """The trainable tensors of a model, by name, with a pristine copy for exact restore (made when
+    first needed).
 
     ``params`` must be the tensors the forward pass actually reads (an engine's job to provide).
     """
@@ -70,11 +71,11 @@ class ParamSet:
         if restore not in ("copy", "subtract"):
             raise ValueError(f"restore must be copy or subtract, got {restore!r}")
         self.restore_mode = restore
-        with torch.no_grad():
-            if restore == "copy":
-                self.pristine = {name: t.detach().clone() for name, t in self.params.items()}
-            else:  # the live tensors are their own base; restore subtracts the regenerated noise
-                self.pristine = self.params
+        # The pristine copy is made on the first perturb(): until then (and for good with low-rank
+        # population batching, which never perturbs the live weights) the live tensors are their own
+        # base, and ES keeps one copy of the model instead of two. With restore="subtract" they always
+        # are; restore subtracts the regenerated noise.
+        self.pristine = self.params
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.perturbed: Member | None = None
         self._sigma = 0.0
@@ -112,6 +113,8 @@ class ParamSet:
         """Set every live tensor to cast(pristine + sign * sigma * eps), layer by layer."""
         if self.perturbed is not None:
             raise RuntimeError("perturb() called twice without restore()")
+        if self.restore_mode == "copy" and self.pristine is self.params:
+            self.pristine = {name: t.detach().clone() for name, t in self.params.items()}
         self.perturbed, self._sigma = member, sigma
         for name, live in self.params.items():
             flat_live, flat_base = live.view(-1), self.pristine[name].view(-1)
@@ -126,7 +129,8 @@ class ParamSet:
         member = self.perturbed
         for name, live in self.params.items():
             if self.restore_mode == "copy":
-                live.copy_(self.pristine[name])
+                if self.pristine is not self.params:
+                    live.copy_(self.pristine[name])
             elif member is not None:
                 flat = live.view(-1)
                 for start, eps in self._eps(name, member):
