@@ -1,4 +1,4 @@
-"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, analyze, replay.
+"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, analyze, report, replay.
 
 Every training setting is an ESConfig field; it can come from ``--config FILE`` (YAML/TOML/JSON) and
 from a flag of the same name, and flags win. ``esft train`` with no arguments runs the quickstart.
@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     from esft.analysis import cli as analysis_cli
 
     analysis_cli.add_parser(sub)
+    from esft.report import cli as report_cli
+
+    report_cli.add_parser(sub)
 
     p = sub.add_parser("replay", help="rebuild an iteration's weights from the base model and the seed log")
     p.add_argument("--run", required=True, help="run folder")
@@ -471,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             from esft.analysis import cli as analysis_cli
 
             return analysis_cli.run(args)
+        if args.command == "report":
+            from esft.report import cli as report_cli
+
+            return report_cli.run(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "bench":

@@ -15,9 +15,8 @@ import sys
 
 def reset_peak() -> None:
     """Start a new resident-memory high-water mark (Linux) and a new CUDA peak."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -26,11 +25,10 @@ def reset_peak() -> None:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process since the last reset_peak (Linux) or ever, in MiB."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
