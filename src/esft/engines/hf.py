@@ -127,7 +127,7 @@ class HFEngine:
         from esft.engines.population import PopulationHooks
 
         texts, raw = self._texts(prompts)
-        per_call = max(1, self.batch_size // max(len(texts), 1))
+        per_call = self.members_per_batch(len(texts))
         timer = timer if timer is not None else {}
         out: list[list[Generation]] = []
         with PopulationHooks(self.model, params) as hooks:
@@ -145,6 +145,12 @@ class HFEngine:
                 timer["generate"] = timer.get("generate", 0.0) + end - mid
                 out.extend(gens[i * len(texts) : (i + 1) * len(texts)] for i in range(len(chunk)))
         return out
+
+    def members_per_batch(self, n_prompts: int) -> int:
+        """Members that ``generate_population`` puts in one batch for ``n_prompts`` prompts each: its
+        batches are members[0:k], members[k:2k], ... (a Ray pool hands out exactly these, so a member
+        is generated in the same batch layout on any worker as in one process)."""
+        return max(1, self.batch_size // max(n_prompts, 1))
 
     def _texts(self, prompts: list[Prompt]) -> tuple[list[str], bool]:
         """Rendered prompts, and whether they are raw text (raw prompts get the tokenizer's special
