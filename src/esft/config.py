@@ -47,11 +47,13 @@ class RunConfig:
     """Stop once this many completions have been generated for training (ES: members x prompts, GRPO:
     prompts x group size), so ES and GRPO runs can be matched; 0 = no budget, only iterations."""
     seed: int = 0
-    """Run seed: every iteration's seeds and prompt mini-batch derive from (seed, iteration)."""
+    """Run seed: ES derives every iteration's member seeds and prompt mini-batch from (seed,
+    iteration); GRPO passes it to TRL (sampling and prompt order)."""
     max_new_tokens: int | None = None
     """Completion length limit; None uses the task's default (conciseness 100, the others 1024)."""
     prompts_per_iteration: int | None = None
-    """Prompt mini-batch per iteration, shared by all members; None uses the whole train split."""
+    """Prompt mini-batch per iteration, shared by all ES members (GRPO: prompts per step, each sampled
+    group_size times); None uses the whole train split."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch, e.g. '*embed_tokens*') kept fixed."""
     fixed_length: bool = False
