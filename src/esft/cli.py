@@ -21,6 +21,7 @@ import yaml
 
 from esft.config import BENCH_MODES, ESConfig, GRPORunConfig, RunConfig, read_config_file
 from esft.errors import ConfigError, EsftError
+from esft.tasks import parse_task_options
 
 QUICKSTART = files("esft") / "configs" / "quickstart.yaml"
 
@@ -72,16 +73,6 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type[RunConfig] = ESConfi
             p.add_argument(flag, metavar=f.name.split("_")[-1].upper(), help=help_text)
 
 
-def _parse_task_options(items: list[str] | None) -> dict[str, Any]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--task-option {item!r} must look like KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value) if value else None
-    return out
-
-
 def _train_config(
     args: argparse.Namespace, argv: list[str], cls: type[RunConfig] = ESConfig
 ) -> tuple[RunConfig, bool]:
@@ -111,7 +102,7 @@ def _train_config(
     if "task_options" in flags:
         flags["task_options"] = {
             **values.get("task_options", {}),
-            **_parse_task_options(flags["task_options"]),
+            **parse_task_options(flags["task_options"]),
         }
     if args.data:
         flags["task_options"] = {
@@ -252,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_path, label = resolve_model(args.model), "model"
     if not task_name:
         raise ConfigError("--task is required (e.g. --task countdown)")
-    task_options.update(_parse_task_options(args.task_option))
+    task_options.update(parse_task_options(args.task_option))
     if args.data:
         task_options["data_file"] = args.data
     task = load_task(task_name, reward=reward, reward_weights=args.reward_weights, **task_options)
@@ -325,7 +316,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.population < 2 or args.prompts_per_member < 1 or args.max_new_tokens < 1 or args.rank < 1:
         raise ConfigError("--population must be >= 2, --prompts-per-member, --max-new-tokens and --rank >= 1")
-    task = load_task(args.task, **_parse_task_options(args.task_option))
+    task = load_task(args.task, **parse_task_options(args.task_option))
     lowrank = "lowrank" if "lowrank" in args.modes else ""
     engine = build_engine(
         args.engine,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -97,3 +99,49 @@ def format_summary(summary: dict[str, float]) -> str:
         v = summary[k]
         out.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(out)
+
+
+EVAL_EXAMPLES = 8  # completions kept per periodic evaluation (eval.jsonl "examples"), first rows
+
+
+def periodic_eval(
+    engine: Engine,
+    task: Task,
+    eval_split: str,
+    limit: int,
+    max_new_tokens: int,
+    batch_size: int,
+    step: int,
+    store: Any,
+    tb: Any,
+    log: Callable[[str], None],
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """A trainer's periodic evaluation at iteration/step ``step``: greedy, on ``eval_split`` (train, test
+    or both), one eval.jsonl row per split with the first completions as examples, TensorBoard scalars
+    and a log line. ES and GRPO both call this, so their eval.jsonl rows mean the same thing."""
+    splits = ["train", "test"] if eval_split == "both" else [eval_split]
+    rows = []
+    for split in splits:
+        summary, samples = evaluate(engine, task, split, limit, max_new_tokens, batch_size, progress)
+        examples = [
+            {"prompt": prompt_text(s["prompt"]), "completion": s["completion"], "reward": s["reward"]}
+            for s in samples[:EVAL_EXAMPLES]
+        ]
+        row = {"iteration": step, "split": split, **summary, "examples": examples}
+        store.append_eval(row)
+        prefix = "eval" if len(splits) == 1 else f"eval/{split}"
+        for k, v in summary.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                tb.add_scalar(f"{prefix}/{k}", v, step)
+        log(f"eval ({split}) @ iter {step}: {format_summary(summary)}")
+        rows.append(row)
+    return rows
+
+
+def prompt_text(prompt: Any) -> str:
+    """The last user message of a chat prompt, or the raw prompt."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1] if users else prompt[-1].get("content", ""))
+    return str(prompt)

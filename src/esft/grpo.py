@@ -35,13 +35,13 @@ from esft import environment
 from esft.config import GRPORunConfig
 from esft.engines.hf import HFEngine
 from esft.errors import ConfigError
-from esft.evaluate import evaluate, format_summary
+from esft.evaluate import periodic_eval
 from esft.models import resolve_model
 from esft.resources import peak_memory, reset_peak
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 from esft.tasks.base import Scores, TrainerState, completion_text
-from esft.trainer import EVAL_EXAMPLES, TrainResult, _prompt_text
+from esft.trainer import TrainResult
 
 TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
 
@@ -295,28 +295,21 @@ class GRPORun:
     def _evaluate(self, engine: HFEngine, step: int, tb) -> None:
         """Greedy evaluation of the current policy on the eval split(s), as ES evaluates."""
         cfg = self.config
-        splits = ["train", "test"] if cfg.eval_split == "both" else [cfg.eval_split]
         was_training = engine.model.training
         engine.model.eval()
         try:
-            for split in splits:
-                summary, samples = evaluate(
-                    engine, self.task, split, cfg.eval_limit, self.max_new_tokens, cfg.batch_size, False
-                )
-                examples = [
-                    {
-                        "prompt": _prompt_text(s["prompt"]),
-                        "completion": s["completion"],
-                        "reward": s["reward"],
-                    }
-                    for s in samples[:EVAL_EXAMPLES]
-                ]
-                self.store.append_eval({"iteration": step, "split": split, **summary, "examples": examples})
-                prefix = "eval" if len(splits) == 1 else f"eval/{split}"
-                for k, v in summary.items():
-                    if isinstance(v, int | float) and math.isfinite(v):
-                        tb.add_scalar(f"{prefix}/{k}", v, step)
-                self._log(f"eval ({split}) @ step {step}: {format_summary(summary)}")
+            periodic_eval(
+                engine,
+                self.task,
+                cfg.eval_split,
+                cfg.eval_limit,
+                self.max_new_tokens,
+                cfg.batch_size,
+                step,
+                self.store,
+                tb,
+                self._log,
+            )
         finally:
             engine.model.train(was_training)
 

@@ -28,7 +28,7 @@ from esft.engines import Engine, Generation, build_engine
 from esft.errors import ConfigError
 from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_members, shape
 from esft.es.lowrank import lowrank_trainable
-from esft.evaluate import evaluate, format_summary
+from esft.evaluate import periodic_eval
 from esft.models import resolve_model
 from esft.resources import peak_memory, reset_peak
 from esft.runstore import DiskFullError, RunStore, is_disk_full
@@ -510,36 +510,18 @@ class ESTrainer:
             )
 
     def _evaluate(self, engine: Engine, t: int, tb) -> list[dict[str, Any]]:
-        """Evaluate the unperturbed model on the eval split(s); one eval.jsonl row per split, with the
-        first few completions as examples."""
+        """Evaluate the unperturbed model on the eval split(s) (evaluate.periodic_eval)."""
         cfg = self.config
-        splits = ["train", "test"] if cfg.eval_split == "both" else [cfg.eval_split]
-        rows = []
-        for split in splits:
-            summary, samples = evaluate(
-                engine, self.task, split, cfg.eval_limit, self.max_new_tokens, cfg.batch_size, self.progress
-            )
-            examples = [
-                {"prompt": _prompt_text(s["prompt"]), "completion": s["completion"], "reward": s["reward"]}
-                for s in samples[:EVAL_EXAMPLES]
-            ]
-            row = {"iteration": t, "split": split, **summary, "examples": examples}
-            self.store.append_eval(row)
-            prefix = "eval" if len(splits) == 1 else f"eval/{split}"
-            for k, v in summary.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    tb.add_scalar(f"{prefix}/{k}", v, t)
-            self._log(f"eval ({split}) @ iter {t}: {format_summary(summary)}")
-            rows.append(row)
-        return rows
-
-
-EVAL_EXAMPLES = 8  # completions kept per periodic evaluation (eval.jsonl "examples"), first rows
-
-
-def _prompt_text(prompt: Any) -> str:
-    """The last user message of a chat prompt, or the raw prompt."""
-    if isinstance(prompt, list):
-        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        return str(users[-1] if users else prompt[-1].get("content", ""))
-    return str(prompt)
+        return periodic_eval(
+            engine,
+            self.task,
+            cfg.eval_split,
+            cfg.eval_limit,
+            self.max_new_tokens,
+            cfg.batch_size,
+            t,
+            self.store,
+            tb,
+            self._log,
+            self.progress,
+        )

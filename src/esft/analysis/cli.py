@@ -15,6 +15,7 @@ from typing import Any
 from esft.analysis import report, sources
 from esft.analysis.report import fmt, table
 from esft.errors import ConfigError
+from esft.tasks import parse_task_options
 
 MODEL_HELP = (
     "a run folder (its newest checkpoint; RUN@ITER for another, RUN@0 = its base), a checkpoint, or a model"
@@ -317,7 +318,7 @@ def _kl(args: argparse.Namespace) -> int:
     base_path = sources.base_of(ref, args.base)
     if args.samples < 1 or args.temperature <= 0:
         raise ConfigError("--samples must be >= 1 and --temperature > 0")
-    options = sources.parse_task_options(args.task_option)
+    options = parse_task_options(args.task_option)
     tasks = [sources.build_task(name, [ref.config], options) for name in (args.task or [None])]
     tuned = _engine(ref.path, args, ref.config)
     base = _engine(base_path, args, ref.config)
@@ -364,7 +365,7 @@ def _interpolate(args: argparse.Namespace) -> int:
         other = sources.resolve(args.other)
         start_path, end_path, start_label, end_label = ref.path, other.path, ref.label, other.label
     lambdas = lambda_grid(args.points, *args.range)
-    task = sources.build_task(args.task, [ref.config], sources.parse_task_options(args.task_option))
+    task = sources.build_task(args.task, [ref.config], parse_task_options(args.task_option))
     start = sources.local_folder(start_path)
     end = sources.local_folder(end_path)
     engine = _engine(str(start), args, ref.config)
@@ -412,7 +413,7 @@ def _forgetting(args: argparse.Namespace) -> int:
     ref = sources.resolve(args.model)
     if ref.run is None:
         raise ConfigError(f"{args.model} is not a run folder (no config.yaml)")
-    options = sources.parse_task_options(args.task_option)
+    options = parse_task_options(args.task_option)
     tasks = [sources.build_task(n, [ref.config], options) for n in (args.tasks or [None])]
     _unique(tasks)
     engine = _engine(ref.base, args, ref.config)
@@ -436,7 +437,7 @@ def _sequential(args: argparse.Namespace) -> int:
     for r in refs:
         if r.run is None:
             raise ConfigError(f"{r.spec} is not a run folder (no config.yaml)")
-    options = sources.parse_task_options(args.task_option)
+    options = parse_task_options(args.task_option)
     configs = [r.config for r in refs]
     names = args.tasks or list(dict.fromkeys(c.get("task") for c in configs if c.get("task")))
     tasks = [sources.build_task(n, configs, options) for n in names]
@@ -483,9 +484,7 @@ def _passk(args: argparse.Namespace) -> int:
     refs = [sources.resolve(spec) for spec in args.models]
     if args.samples < 1 or args.temperature <= 0:
         raise ConfigError("--samples must be >= 1 and --temperature > 0 (pass@k needs sampling)")
-    task = sources.build_task(
-        args.task, [r.config for r in refs], sources.parse_task_options(args.task_option)
-    )
+    task = sources.build_task(args.task, [r.config for r in refs], parse_task_options(args.task_option))
     sampling = Sampling(args.samples, args.temperature, args.top_p, args.seed)
     results = []
     for r in refs:

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from esft.errors import ConfigError
 from esft.runstore import CHECKPOINT_RE, RunStore
 
@@ -118,17 +116,6 @@ def same_model(a: str, b: str) -> bool:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     except OSError:  # pragma: no cover
         return a == b
-
-
-def parse_task_options(items: list[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (values parsed as YAML scalars) -> dict."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--task-option {item!r} must look like KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value) if value else None
-    return out
 
 
 def build_task(name: str | None, configs: list[dict[str, Any]], options: dict[str, Any] | None = None):

@@ -38,6 +38,7 @@ __all__ = [
     "import_object",
     "is_task",
     "load_task",
+    "parse_task_options",
 ]
 
 
@@ -139,3 +140,16 @@ def import_object(spec: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"{module_name!r} has no attribute {attr!r}") from None
+
+
+def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    """``--task-option KEY=VALUE`` strings (values parsed as YAML scalars) -> dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--task-option {item!r} must look like KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
