@@ -38,7 +38,7 @@ TASKS: dict[str, dict] = {
     "rg:chain_sum": {
         "shared": {"task": "rg:chain_sum", "max_new_tokens": 64, "dtype": "float32",
                    "freeze": ["*embed_tokens*", "lm_head*"], "prompts_per_iteration": 4,
-                   "budget_samples": 480, "iterations": 1000, "eval_every": 1000, "eval_limit": 32,
+                   "budget_samples": 240, "iterations": 1000, "eval_every": 1000, "eval_limit": 32,
                    "eval_split": "test", "checkpoint_every": 0},
         "es": {"population": 30, "sigma": 1e-3, "alpha": 1e-3, "noise": "lowrank", "rank": 1},
         "grpo": {"group_size": 8, "learning_rate": 1e-5, "beta": 0.0, "loss_type": "dapo"},
@@ -116,6 +116,8 @@ def summarise_run(run: Path, analyses: dict) -> dict:
         "heldout_before": evals[0].get("reward") if evals else math.nan,
         "heldout_after": evals[-1].get("reward") if evals else math.nan,
         "heldout_accuracy_after": evals[-1].get("accuracy", math.nan) if evals else math.nan,
+        "answers_kept_before": answers_kept(run, evals[0]) if evals else math.nan,
+        "answers_kept_after": answers_kept(run, evals[-1]) if evals else math.nan,
         "kl_on_k3": kl_value(on),
         "kl_off_k3": kl_value(off),
         "update_norm": dig(w, "total", "norm"),
@@ -125,6 +127,30 @@ def summarise_run(run: Path, analyses: dict) -> dict:
         "peak_rss_mb": max(m["perf/peak_rss_mb"] for m in metrics),
         "train_seconds": sum(m["perf/seconds"] for m in metrics),
     }
+
+
+def answers_kept(run: Path, row: dict) -> float:
+    """Conciseness only rewards length, so also check the content: the share of the evaluation's example
+    completions that still contain the reference answer as a word (case-insensitive); NaN for other
+    tasks, or when the examples do not cover the whole split."""
+    import re
+
+    import yaml
+
+    from esft.tasks import load_task
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if config["task"] != "conciseness":
+        return math.nan
+    rows = load_task("conciseness", **config.get("task_options", {})).split(row["split"])
+    examples = row.get("examples", [])
+    if len(examples) != len(rows):
+        return math.nan
+    hits = [
+        re.search(rf"\b{re.escape(str(r['answer']))}\b", e["completion"], re.IGNORECASE) is not None
+        for r, e in zip(rows, examples, strict=True)
+    ]
+    return sum(hits) / len(hits)
 
 
 def kl_value(report: dict) -> float:
@@ -140,8 +166,7 @@ def main() -> None:
     p.add_argument("--no-interpolate", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
-    summary: dict = {}
-    runs: list[Path] = []
+    summary: dict = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     for task in args.tasks:
         spec = TASKS[task]
         tdir = out / task.replace(":", "_")
@@ -151,7 +176,6 @@ def main() -> None:
             for kind in ("es", "grpo"):
                 run = tdir / f"{kind}-seed{seed}"
                 train(kind, spec, seed, run)
-                runs.append(run)
                 pair[kind] = run
                 rows.append(
                     {"trainer": kind, "seed": seed, **summarise_run(run, analyse(run, spec["kl_limit"]))}
@@ -169,7 +193,8 @@ def main() -> None:
                      "--json", str(interp), "--quiet")  # fmt: skip
         summary[task] = rows
         print(f"\n### {task}\n")
-        keys = ["heldout_before", "heldout_after", "heldout_accuracy_after", "kl_on_k3", "kl_off_k3",
+        keys = ["heldout_before", "heldout_after", "heldout_accuracy_after", "answers_kept_before",
+                "answers_kept_after", "kl_on_k3", "kl_off_k3",
                 "update_norm", "relative_norm", "sparsity", "samples", "steps", "samples_per_second",
                 "peak_rss_mb", "train_seconds"]  # fmt: skip
         print("| trainer | seed | " + " | ".join(keys) + " |")
@@ -180,8 +205,10 @@ def main() -> None:
                 continue
             print(f"| {r['trainer']} | {r['seed']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    report = out / "report"
-    esft("report", *map(str, runs), "--output", str(report), "--title", "ES vs GRPO")
+    # the cosine and interpolation files of every task done so far live beside the runs, not in them
+    extra = sorted(str(f) for f in out.glob("*/*.json") if f.name.startswith(("cosine-", "interpolate-")))
+    done = sorted({str(r) for r in out.glob("*/*-seed*") if (r / "config.yaml").is_file()})
+    esft("report", *done, "--output", str(out / "report"), "--title", "ES vs GRPO", "--analysis", *extra)
 
 
 if __name__ == "__main__":

@@ -222,8 +222,11 @@ def kl_points(docs: list[Analysis], runs: list[Run]) -> tuple[list[dict[str, Any
             notes.append(f"{a.path.name}: {label} is not a checkpoint of a run in this report")
             continue
         run, it = found
-        task = run.task if run.task in tasks else next(iter(tasks), None)
-        est = tasks.get(task) if task else None
+        if run.task not in tasks:  # off-task drift (e.g. forgetting) is not this run's reward-KL trade-off
+            notes.append(f"{a.path.name}: KL on {', '.join(tasks) or 'no task'}, not on {run.task}: left out")
+            continue
+        task = run.task
+        est = tasks.get(task)
         k3 = _num((est or {}).get("per_token_k3"))
         k1 = _num((est or {}).get("per_token_k1"))
         reward = run.eval_at(it)
