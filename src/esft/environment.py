@@ -78,7 +78,10 @@ def model_fingerprint(model_path: str) -> str:
 
 
 def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
-    """The environment of a run about to use ``engine`` on ``model_path``."""
+    """The environment of a run about to use ``engine`` on ``model_path`` (for a pool of Ray workers,
+    the one the workers run in)."""
+    if hasattr(engine, "describe_environment"):
+        return engine.describe_environment(engine_name, model_path)
     import torch
 
     device = getattr(engine, "device", "cpu")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from esft import environment
+from esft import distributed, environment
 from esft.config import ESConfig
 from esft.engines import Engine, Generation, build_engine
 from esft.errors import ConfigError
@@ -47,6 +47,10 @@ RESUMABLE = {
     "eval_limit",
     "eval_split",
     "output",
+    # where members are scored (Ray workers give the same results as one process: esft/distributed)
+    "workers",
+    "ray_address",
+    "gpus_per_worker",
 }
 
 
@@ -119,8 +123,13 @@ def score_population(
     """Perturb -> generate -> restore -> score, member by member, timing each part.
 
     With low-rank noise and an engine that batches populations, all members generate together through
-    the unperturbed weights (no perturb or restore) and are then scored one by one.
+    the unperturbed weights (no perturb or restore) and are then scored one by one. A pool of Ray workers
+    (esft/distributed) scores the population itself, spread over its workers, with this same function.
     """
+    if hasattr(engine, "score_population"):  # the members go to workers that each own an engine
+        return engine.score_population(
+            params, task, members, rows, sigma, max_new_tokens, desc, progress, state
+        )
     prompts = [r["prompt"] for r in rows]
     pop = Population()
     if params.scheme == NoiseScheme.LOWRANK and getattr(engine, "population_batching", False):
@@ -269,6 +278,7 @@ class ESTrainer:
         output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}"
         self.store = RunStore(output)
         self.resume = resume
+        self.pool = None  # the Ray workers, when config asks for them (_build_engine)
         self.store.lock()  # before looking at the folder: a second writer stops here
         try:
             self._check_run_folder()
@@ -323,6 +333,8 @@ class ESTrainer:
                 raise DiskFullError(self._disk_full_message()) from None
             raise
         finally:
+            if self.pool is not None:
+                self.pool.close()
             self.store.unlock()
 
     def _disk_full_message(self) -> str:
@@ -461,9 +473,14 @@ class ESTrainer:
     def _build_engine(self, path: str) -> Engine:
         cfg = self.config
         options = engine_options(cfg.engine, cfg.noise, cfg.population, cfg.rank)
-        engine = build_engine(
-            cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, **options
-        )
+        if distributed.requested(cfg):  # Ray workers, each with its own engine, used as one engine
+            engine = self.pool = distributed.start_pool(
+                cfg, path, options, self.task, self.store.checkpoints, self._log
+            )
+        else:
+            engine = build_engine(
+                cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, **options
+            )
         if cfg.fixed_length:
             engine.min_new_tokens = self.max_new_tokens
         return engine
