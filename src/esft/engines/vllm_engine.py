@@ -42,6 +42,7 @@ from esft.engines.hf import resolve_dtype
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member
 from esft.es.params import UpdateStats
+from esft.es.remote import RemoteParamSet
 
 EXTENSION = "esft.engines.vllm_engine.ESWorkerExtension"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -415,58 +416,6 @@ class ESWorkerExtension:
 # ------------------------------------------------------------------------------------------------
 
 
-class RemoteParamSet:
-    """A ``ParamSet`` whose tensors live in vLLM's worker: each call is one ``collective_rpc``.
-
-    Same interface the trainer uses: ``perturb(member, sigma)``, ``restore()``,
-    ``update(members, weights, alpha) -> UpdateStats``, ``numel``, ``state_norm()``, ``scheme``,
-    ``perturbed``, ``names``. Only seeds, signs and scalars cross the process boundary.
-    """
-
-    def __init__(self, engine: VLLMEngine, freeze: Sequence[str], scheme: str, rank: int = 1) -> None:
-        from esft.es.noise import NoiseScheme
-
-        self._engine = engine
-        self.scheme = NoiseScheme(scheme)
-        self.rank = int(rank)
-        info = engine._rpc("esft_init_params", list(freeze), str(self.scheme), self.rank)
-        self.names: list[str] = info["names"]
-        self._numel = int(info["numel"])
-        self.perturbed: Member | None = None
-
-    @property
-    def numel(self) -> int:
-        return self._numel
-
-    def perturb(self, member: Member, sigma: float) -> None:
-        if self.perturbed is not None:
-            raise RuntimeError("perturb() called twice without restore()")
-        self._engine._rpc("esft_perturb", int(member.seed), int(member.sign), float(sigma))
-        self.perturbed = member
-
-    def restore(self) -> None:
-        self._engine._rpc("esft_restore")
-        self.perturbed = None
-
-    def update(self, members: Sequence[Member], weights: Sequence[float], alpha: float, on_tensor=None):
-        if self.perturbed is not None:
-            raise RuntimeError("update() while perturbed: call restore() first")
-        if len(members) != len(weights):
-            raise ValueError("one weight per member")
-        stats = self._engine._rpc(
-            "esft_update",
-            [[int(m.seed), int(m.sign)] for m in members],
-            [float(w) for w in weights],
-            float(alpha),
-        )
-        if on_tensor is not None:
-            on_tensor()
-        return UpdateStats(stats["update_norm"], stats["param_norm"], stats["changed_fraction"])
-
-    def state_norm(self) -> float:
-        return float(self._engine._rpc("esft_state_norm"))
-
-
 class VLLMEngine:
     """vLLM generation with ES perturbations applied in the worker (see the module docstring)."""
 
@@ -588,7 +537,7 @@ class VLLMEngine:
                     f"embedding and lm_head), which cannot perturb {other[0]} (and {len(other) - 1} more): "
                     "freeze them with --freeze PATTERN, or use --engine hf"
                 )
-        self._params = RemoteParamSet(self, freeze, noise, rank)
+        self._params = RemoteParamSet(self._rpc, freeze, noise, rank)
         return self._params
 
     @property
@@ -665,7 +614,7 @@ class VLLMEngine:
 
     def _default_params(self) -> RemoteParamSet:
         if self._params is None:
-            self._params = RemoteParamSet(self, [], "independent")
+            self._params = RemoteParamSet(self._rpc, [], "independent")
         return self._params
 
     # -- protocol ---------------------------------------------------------------------------------
