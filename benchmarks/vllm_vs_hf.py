@@ -53,7 +53,7 @@ def main() -> None:
             print(" scheme", scheme)
             es_cost(ParamSet(engine.parameters(), scheme=scheme))
     else:
-        from esft.engines.vllm_engine import VLLMEngine
+        from esft.engines.vllm import VLLMEngine
 
         gemm = sys.argv[2] if len(sys.argv) > 2 else "onednn"
         engine = VLLMEngine(MODEL, batch_size=16, max_model_len=1024, cpu_gemm=gemm)

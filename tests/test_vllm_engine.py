@@ -20,7 +20,7 @@ from conftest import build_tiny_model  # noqa: E402
 
 from esft.engines.base import Sampling  # noqa: E402
 from esft.engines.hf import HFEngine  # noqa: E402
-from esft.engines.vllm_engine import VLLMEngine  # noqa: E402
+from esft.engines.vllm import VLLMEngine  # noqa: E402
 from esft.errors import ConfigError  # noqa: E402
 from esft.es.noise import Member  # noqa: E402
 from esft.es.params import ParamSet  # noqa: E402

@@ -13,7 +13,7 @@ def build_engine(name: str, model_path: str, **options) -> Engine:
     if name == "hf":
         return HFEngine(model_path, **options)
     if name == "vllm":
-        from esft.engines.vllm_engine import VLLMEngine  # imports vllm lazily
+        from esft.engines.vllm.driver import VLLMEngine  # imports vllm lazily
 
         return VLLMEngine(model_path, **options)
     from esft.errors import ConfigError

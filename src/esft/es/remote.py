@@ -12,8 +12,9 @@ holds this proxy, with ParamSet's interface, whose every call is ``call(method, 
     esft_state_norm() -> float
 
 Only names, seeds, signs and scalars cross the boundary, never tensors. ``call`` is the transport: one
-``collective_rpc`` into vLLM's worker (``engines/vllm_engine.py``), or a broadcast to every Ray worker
-that also checks the replicas still agree (``distributed/pool.py``).
+``collective_rpc`` into vLLM's worker (``engines/vllm/driver.py`` calling ``engines/vllm/worker.py``),
+or a broadcast to every Ray worker that also checks the replicas still agree (``distributed/pool.py``
+calling ``distributed/worker.py``).
 """
 
 from __future__ import annotations
