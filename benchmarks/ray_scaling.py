@@ -201,7 +201,7 @@ def run_setup(name: str, model: str, args, noise: str) -> dict:
 
 
 def checksum_seconds(model: str, dtype: str, device: str) -> tuple[float, int]:
-    from esft.distributed.worker import checksums
+    from esft.es.checksum import checksums
 
     torch.set_num_threads(1)
     engine = build_engine("hf", model, dtype=dtype, device=device)

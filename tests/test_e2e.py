@@ -382,3 +382,32 @@ def test_eval_on_both_splits_prints_before_and_after_with_examples(tiny_model, t
     printed = capsys.readouterr().out
     assert "training prompts (train split):" in printed and "held-out prompts (test split):" in printed
     assert printed.count("before:") == 4 and printed.count("after:") == 4
+
+
+def test_resume_runs_with_the_thread_count_the_run_started_with(tiny_model, tmp_path):
+    """CPU rounding can depend on torch's thread count, so --resume sets it back to the recorded one;
+    --allow-environment-change keeps this machine's; a run that recorded none resumes as before."""
+    before = torch.get_num_threads()
+    out = tmp_path / "threads"
+    try:
+        torch.set_num_threads(2)
+        assert train(tiny_model, out, 1) == 0
+        assert json.loads((out / "environment.json").read_text())["cpu_threads"] == 2
+        torch.set_num_threads(1)
+        assert train(tiny_model, out, 2, "--resume") == 0
+        assert torch.get_num_threads() == 2
+        assert json.loads((out / "environment.json").read_text())["cpu_threads"] == 2
+
+        torch.set_num_threads(1)
+        assert train(tiny_model, out, 3, "--resume", "--allow-environment-change") == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((out / "environment.json").read_text())["cpu_threads"] == 1
+
+        env = json.loads((out / "environment.json").read_text())
+        del env["cpu_threads"]  # as written before the thread count was recorded
+        (out / "environment.json").write_text(json.dumps(env))
+        torch.set_num_threads(2)
+        assert train(tiny_model, out, 4, "--resume") == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

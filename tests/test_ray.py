@@ -82,7 +82,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_checksum_is_exact_and_sees_one_ulp():
-    from esft.distributed.worker import checksums, digest, tensor_checksum
+    from esft.es.checksum import checksums, digest, tensor_checksum
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -103,9 +103,10 @@ def test_checksum_is_exact_and_sees_one_ulp():
 def test_a_worker_is_a_param_set_behind_remote_calls(tiny_model, monkeypatch):
     """The worker side driven in-process through RemoteParamSet (no Ray): perturb, restore and update
     give the bits and statistics of a local ParamSet on an identical engine."""
-    from esft.distributed.worker import Worker, checksums
+    from esft.distributed.worker import Worker
     from esft.engines import build_engine
     from esft.es import iteration_members
+    from esft.es.checksum import checksums
     from esft.es.remote import RemoteParamSet
 
     spec = {"engine": "hf", "dtype": "float32", "device": "cpu", "batch_size": 4, "engine_options": {},
@@ -193,12 +194,46 @@ def test_worker_killed_mid_iteration(ray_cluster, tiny_model, single, tmp_path, 
     assert_same_run(single, out)
 
 
+def test_hung_worker_is_killed_and_replaced(ray_cluster, tiny_model, single, tmp_path, monkeypatch, capsys):
+    """Worker 1 stops answering (alive, asleep) after its first unit of iteration 4: past the hang limit
+    it is killed and replaced like a dead worker, and the run ends with the single-process run's bits."""
+    monkeypatch.setenv("ESFT_RAY_FAULT", "hang:worker=1:iteration=4:after=1")
+    out = tmp_path / "hung"
+    rc = main(["train", "--model", str(tiny_model), "--output", str(out), "--iterations", str(ITERATIONS),
+               *[a for a in COMMON if a != "--quiet"], "--workers", "2", "--checkpoint-every", "2",
+               "--eval-every", "4", "--worker-timeout", "10"])  # fmt: skip
+    assert rc == 0
+    captured = capsys.readouterr()
+    log = captured.out + captured.err
+    assert "Ray worker 1 hung while scoring (no answer in 10 s, the hang limit (--worker-timeout)" in log, log
+    assert "re-queued to the others" in log and "replacement Ray worker 1 ready" in log, log
+    assert_same_run(single, out)
+
+
+def test_automatic_hang_limit():
+    from esft.distributed.pool import HANG_FACTOR, HANG_FLOOR_S, WorkerPool
+
+    pool = object.__new__(WorkerPool)  # only the limit's arithmetic, no cluster
+    pool.worker_timeout, pool.slowest = 0.0, 0.0
+    assert pool.hang_limit() is None  # nothing came back yet: no basis for a limit
+    pool.slowest = 2.0
+    assert pool.hang_limit() == HANG_FLOOR_S
+    pool.slowest = 100.0
+    assert pool.hang_limit() == HANG_FACTOR * 100.0
+    pool.worker_timeout = 7.5
+    assert pool.hang_limit() == 7.5
+
+
 def test_resume_a_distributed_run_in_one_process(ray_cluster, tiny_model, single, tmp_path):
-    """A distributed run folder is an ordinary one: resumed without workers, it ends the same."""
+    """A distributed run folder is an ordinary one: resumed without workers, it ends the same, with the
+    workers' torch thread count (one each) set back in the resuming process."""
     out = tmp_path / "resumed"
     assert train(tiny_model, out, "--workers", "2", "--checkpoint-every", "2", iterations=3) == 0
+    assert json.loads((out / "environment.json").read_text())["cpu_threads"] == 1
+    torch.set_num_threads(2)  # this process's default would differ from the workers'
     assert main(["train", "--output", str(out), "--iterations", str(ITERATIONS), "--resume", "--workers", "1",
                  "--quiet"]) == 0  # fmt: skip
+    assert torch.get_num_threads() == 1
     wa, wb = weights(single), weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert rows(single / "seedlog.jsonl") == rows(out / "seedlog.jsonl")

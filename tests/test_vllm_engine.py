@@ -467,3 +467,36 @@ def test_cli_trains_with_vllm_and_replays_bit_identically(tmp_path, tiny32, caps
     # replay rebuilds the weights with the HF engine: the same noise and update code, bit for bit
     assert main(["replay", "--run", str(out), "--iteration", "2", "--quiet"]) == 0
     assert "bit-identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("noise", ["independent", "lowrank"])
+def test_vllm_on_two_ray_workers_gives_the_single_process_run(tmp_path, tiny32, monkeypatch, noise):
+    """--engine vllm --workers 2: each Ray worker owns a vLLM engine (bound to its own core); the run
+    ends with the single-process run's seed log and bits (both with one OpenMP thread per vLLM)."""
+    import importlib.util
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from esft.cli import main
+
+    if importlib.util.find_spec("ray") is None:
+        if os.environ.get("CI"):
+            pytest.fail("ray is missing in the vLLM environment: .ci/run must install it")
+        pytest.skip("needs Ray in the vLLM environment: pip install 'ray>=2.52'")
+    common = ["--model", str(tiny32), "--task", "conciseness", "--population", "4", "--iterations", "2"]
+    common += ["--max-new-tokens", "6", "--sigma", "0.05", "--alpha", "0.01", "--dtype", "float32"]
+    common += ["--noise", noise, "--engine", "vllm", "--quiet", "--seed", "5"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # one core, like each worker below
+    assert main(["train", "--output", str(tmp_path / "single"), *common]) == 0
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")  # the workers bind cores 0 and 1 themselves
+    assert main(["train", "--output", str(tmp_path / "two"), "--workers", "2", *common]) == 0
+
+    def rows(run):
+        return [json.loads(line) for line in (tmp_path / run / "seedlog.jsonl").read_text().splitlines()]
+
+    assert rows("single") == rows("two")
+    a = load_file(str(tmp_path / "single" / "checkpoints" / "iter-000002" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "iter-000002" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

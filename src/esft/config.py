@@ -209,6 +209,10 @@ class ESConfig(RunConfig):
     """Join the running Ray cluster at HOST:PORT (ray start --head) instead of starting a local one."""
     gpus_per_worker: float = 0
     """GPUs per Ray worker (0.5: two workers share one); 0 runs the workers on CPU cores."""
+    worker_timeout: float = 0
+    """Seconds a Ray worker may take over one call (a unit of members, an update) before it counts as
+    hung: it is killed and replaced like a dead one, its members re-queued. 0 = automatic: 10x the
+    slowest call so far, at least 300 s (no limit until the first unit has come back)."""
     stop_when_flat: int = 0
     """Stop early once the population has been flat (every member scored the same, so the update is
     zero) for K iterations in a row; 0 = never stop for that."""
@@ -257,6 +261,12 @@ class ESConfig(RunConfig):
             and not isinstance(self.gpus_per_worker, bool)
             and self.gpus_per_worker >= 0,
             f"gpus_per_worker must be a number >= 0, got {self.gpus_per_worker!r}",
+        )
+        need(
+            isinstance(self.worker_timeout, int | float)
+            and not isinstance(self.worker_timeout, bool)
+            and self.worker_timeout >= 0,
+            f"worker_timeout must be a number of seconds >= 0 (0 = automatic), got {self.worker_timeout!r}",
         )
 
 

@@ -3,9 +3,15 @@
 Resume and replay are bit-identical only on the same hardware, backend and library versions (CPU and
 CUDA draw different noise from the same seed; kernels differ across torch versions and GPUs; other
 weights are another model). ``RUN/environment.json`` records the resolved device and dtype, the engine,
-torch / transformers / vLLM versions, the GPU name and a fingerprint of the model's weight files;
-``esft train --resume`` and ``esft replay`` refuse a change in any of them with a one-line error that
-names it (``--allow-environment-change`` overrides, for a run that need not be bit-identical).
+torch / transformers / vLLM versions, the GPU name, a fingerprint of the model's weight files and, on
+CPU, the number of torch threads per process; ``esft train --resume`` and ``esft replay`` refuse a
+change in any of them with a one-line error that names it (``--allow-environment-change`` overrides,
+for a run that need not be bit-identical).
+
+The thread count is different: a CPU matmul's rounding can depend on how many threads split it, so a
+resumed run scores members exactly as before only with the same count, and it is a setting rather than a
+property of the machine. ``--resume`` therefore sets it back (``resume_threads``) instead of refusing.
+Replay does not check it: it only adds noise to weights, elementwise, which no thread count changes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ FILENAME = "environment.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 # Fields that change noise or numerics. `engine` and `vllm` are left out of replay's check: replay
 # always runs the HF engine, which draws the same noise as the vLLM engine (docs/vllm.md).
-CHECKED = ("device", "dtype", "engine", "torch", "transformers", "vllm", "gpu", "model_fingerprint")
+CHECKED = (
+    "device",
+    "dtype",
+    "engine",
+    "torch",
+    "transformers",
+    "vllm",
+    "gpu",
+    "model_fingerprint",
+    "cpu_threads",
+)
 REPLAY_CHECKED = ("device", "dtype", "torch", "gpu", "model_fingerprint")
 
 
@@ -97,6 +113,10 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
         "vllm": _version("vllm") if engine_name == "vllm" else None,
         "gpu": gpu,
         "model_fingerprint": model_fingerprint(model_path),
+        # torch's threads run the HF engine's forward; vLLM's worker binds its own (VLLM_CPU_OMP_THREADS_BIND)
+        "cpu_threads": torch.get_num_threads()
+        if _device_kind(device) == "cpu" and engine_name == "hf"
+        else None,
     }
 
 
@@ -119,9 +139,23 @@ def check(recorded: dict[str, Any] | None, now: dict[str, Any], fields: tuple[st
     """Raise a one-line ConfigError if any of ``fields`` differs between ``recorded`` and ``now``."""
     if recorded is None:
         return  # a run from before environments were recorded: nothing to compare
-    changed = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in fields if recorded.get(k) != now.get(k)]
+    # a field the run did not record yet (an older esft) is not compared
+    changed = [
+        f"{k} {recorded[k]!r} -> {now.get(k)!r}"
+        for k in fields
+        if k in recorded and recorded[k] != now.get(k)
+    ]
     if changed:
         raise ConfigError(
             f"{what}: {'; '.join(changed)} since the run started, so the result would not be bit-identical; "
             "use the original environment, or pass --allow-environment-change to accept that"
         )
+
+
+def resume_threads(recorded: dict[str, Any] | None) -> int | None:
+    """The torch thread count a resumed CPU run must use to score as it did (None: nothing recorded,
+    or not a CPU run)."""
+    if not recorded or recorded.get("device") != "cpu":
+        return None
+    threads = recorded.get("cpu_threads")
+    return int(threads) if isinstance(threads, int) and threads > 0 else None

@@ -51,6 +51,7 @@ RESUMABLE = {
     "workers",
     "ray_address",
     "gpus_per_worker",
+    "worker_timeout",
 }
 
 
@@ -259,6 +260,15 @@ class TrainResult:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def torch_threads(n: int | None = None) -> int:
+    """torch's intra-op thread count in this process; set it first when ``n`` is given."""
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 class ESTrainer:
     def __init__(
         self,
@@ -278,7 +288,7 @@ class ESTrainer:
         output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}"
         self.store = RunStore(output)
         self.resume = resume
-        self.pool = None  # the Ray workers, when config asks for them (_build_engine)
+        self.engine: Engine | None = None  # the engine, or the pool of Ray workers; closed by train()
         self.store.lock()  # before looking at the folder: a second writer stops here
         try:
             self._check_run_folder()
@@ -333,8 +343,10 @@ class ESTrainer:
                 raise DiskFullError(self._disk_full_message()) from None
             raise
         finally:
-            if self.pool is not None:
-                self.pool.close()
+            # an engine with its own processes (vLLM's engine core, Ray workers) stops with the run
+            close = getattr(self.engine, "close", None)
+            if close is not None:
+                close()
             self.store.unlock()
 
     def _disk_full_message(self) -> str:
@@ -470,19 +482,29 @@ class ESTrainer:
 
     # -- pieces -----------------------------------------------------------------------------------
 
-    def _build_engine(self, path: str) -> Engine:
+    def _build_engine(self, path: str, threads: int | None = None) -> Engine:
+        """The engine (or the pool of Ray workers) for the weights at ``path``; ``threads``: the torch
+        threads per process a resumed CPU run started with (None: this machine's default)."""
         cfg = self.config
         options = engine_options(cfg.engine, cfg.noise, cfg.population, cfg.rank)
         if distributed.requested(cfg):  # Ray workers, each with its own engine, used as one engine
-            engine = self.pool = distributed.start_pool(
-                cfg, path, options, self.task, self.store.checkpoints, self._log
+            engine = distributed.start_pool(
+                cfg, path, options, self.task, self.store.checkpoints, self._log, threads=threads
             )
         else:
+            if threads is not None and threads != torch_threads():
+                self._log(
+                    f"esft: resuming with {threads} torch thread(s), as the run started (this machine's "
+                    f"default is {torch_threads()}; CPU rounding depends on it; --allow-environment-change "
+                    "keeps the default)"
+                )
+                torch_threads(threads)
             engine = build_engine(
                 cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, **options
             )
         if cfg.fixed_length:
             engine.min_new_tokens = self.max_new_tokens
+        self.engine = engine
         return engine
 
     def _load_state(self, model_path: str) -> tuple[int, Engine, ParamSet]:
@@ -496,10 +518,14 @@ class ESTrainer:
             )
         ckpts = {i: p for i, p in store.checkpoints().items() if i <= done}
         base_iter = max(ckpts) if ckpts else 0
-        engine = self._build_engine(str(ckpts[base_iter]) if base_iter else model_path)
+        check_env = self.resume and not self.allow_environment_change
+        recorded = environment.read(store.root) if check_env else None
+        engine = self._build_engine(
+            str(ckpts[base_iter]) if base_iter else model_path, environment.resume_threads(recorded)
+        )
         env_now = environment.describe(engine, cfg.engine, model_path)
-        if self.resume and not self.allow_environment_change:
-            environment.check(environment.read(store.root), env_now, environment.CHECKED, "--resume")
+        if check_env:
+            environment.check(recorded, env_now, environment.CHECKED, "--resume")
         environment.write(store.root, env_now)
         params = es_params(engine, cfg.freeze, cfg.noise, cfg.rank)
         if self.resume:

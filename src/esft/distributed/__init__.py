@@ -29,9 +29,13 @@ def start_pool(
     task: Any,
     checkpoints: Callable[[], dict[int, Any]] | None = None,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ):
     """Start (or join) Ray and a pool of ``config.workers`` workers, each holding the model at
-    ``model_path``; see ``pool.WorkerPool``."""
+    ``model_path``; see ``pool.WorkerPool``. ``threads``: torch threads per worker (default: its share
+    of the cluster's CPUs)."""
     from esft.distributed.pool import WorkerPool
 
-    return WorkerPool(config, model_path, engine_options, task, checkpoints=checkpoints, log=log)
+    return WorkerPool(
+        config, model_path, engine_options, task, checkpoints=checkpoints, log=log, threads=threads
+    )

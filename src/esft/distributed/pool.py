@@ -12,7 +12,7 @@ The trainer's loop does not change; the pool takes the engine's place (``worker.
   Completions stay on the workers; a unit returns per-member task summaries, counters and timers.
 - **Update.** ``param_set`` returns a ``RemoteParamSet`` (``es/remote.py``) whose calls are broadcast to
   every worker: each applies the update to its own replica; no weights cross the network. Every answer
-  carries a checksum of the worker's weights (``worker.tensor_checksum``), and the run stops with an
+  carries a checksum of the worker's weights (``es.checksum.tensor_checksum``), and the run stops with an
   error naming the first differing tensor if two workers ever disagree.
 - **Evaluation and checkpoints** run on one worker: ``generate`` for evaluation, ``save`` from a worker
   on the driver's own node straight into the run folder (from another node the files are copied over in
@@ -23,6 +23,9 @@ The trainer's loop does not change; the pool takes the engine's place (``worker.
   queue for the others. A replacement starts at once and is rebuilt from the newest checkpoint plus
   the updates since (the seed log; ``--resume``'s mechanism) while the others work; its checksum must
   match before it takes work. The run ends with the weights it would have had without the failure.
+  A worker that stops answering without dying (a hung driver call, a stuck GPU) is treated the same
+  once a scoring unit or an update has taken longer than the hang limit (``--worker-timeout``; by default 10x the slowest
+  call so far, at least 300 s): it is killed, and its unit re-queued.
 
 Timers: each unit's generate / score / noise seconds are summed over units and divided by the number of
 workers, so the metrics' time split adds up to wall-clock time and tokens/s is the pool's throughput.
@@ -51,6 +54,8 @@ from esft.errors import ConfigError, EsftError
 from esft.es.noise import Member, NoiseScheme
 from esft.es.remote import RemoteParamSet
 
+HANG_FLOOR_S = 300.0  # the automatic hang limit is never below this
+HANG_FACTOR = 10.0  # ... and is this many times the slowest call that came back
 PLACEMENT_TIMEOUT_S = 120.0  # a worker not running after this long cannot be placed on the cluster
 CONNECT_TIMEOUT_S = 3.0  # to reach --ray-address before handing it to ray.init (which retries for minutes)
 CHUNK_BYTES = 64 << 20  # checkpoint files copied from a worker on another node in chunks of this size
@@ -126,17 +131,15 @@ class WorkerPool:
         task: Any,
         checkpoints: Callable[[], dict[int, Any]] | None = None,
         log: Callable[[str], None] = print,
+        threads: int | None = None,
     ) -> None:
         self.workers = int(getattr(config, "workers", 1) or 1)
+        self.threads = threads  # torch threads per worker; None: the worker's share of the CPUs
         self.address = getattr(config, "ray_address", None) or None
         self.gpus_per_worker = float(getattr(config, "gpus_per_worker", 0) or 0)
         self.ray = import_ray(self.workers, self.address)
         if self.workers < 1:
             raise ConfigError(f"workers must be an integer >= 1, got {self.workers}")
-        if config.engine != "hf":
-            raise ConfigError(
-                f"--engine {config.engine} does not run on Ray workers yet; use --engine hf with --workers"
-            )
         if str(config.device).startswith("cuda") and self.gpus_per_worker <= 0:
             raise ConfigError(
                 f"--device {config.device} with Ray workers needs --gpus-per-worker (e.g. 1): "
@@ -155,6 +158,8 @@ class WorkerPool:
         self._since = dict(self.traffic)
         self.requeued = self.replaced = 0
         self.max_replacements = 3 * self.workers
+        self.worker_timeout = float(getattr(config, "worker_timeout", 0) or 0)
+        self.slowest = 0.0  # seconds of the slowest unit or broadcast that came back (the hang limit)
         self.closed = False
 
         self.started_ray = self._connect(config)
@@ -213,7 +218,8 @@ class WorkerPool:
                 f"GPUs; the Ray cluster has {gpus:g}"
             )
         cpu_share = cpus / k
-        threads = max(1, int(cpu_share))
+        # a resumed CPU run keeps the thread count it started with (rounding depends on it)
+        threads = self.threads or max(1, int(cpu_share))
         self.spec = {
             "engine": config.engine,
             "dtype": config.dtype,
@@ -284,12 +290,30 @@ class WorkerPool:
         self._count("sent", (method, args))
         return getattr(slot.actor, method).remote(*args)
 
-    def _get(self, ref: Any, slot: _Slot, what: str = "") -> Any:
+    def hang_limit(self) -> float | None:
+        """Seconds after which a call without an answer counts as hung (None: no limit yet)."""
+        if self.worker_timeout > 0:
+            return self.worker_timeout
+        if self.slowest <= 0:
+            return None
+        return max(HANG_FLOOR_S, HANG_FACTOR * self.slowest)
+
+    def _hung(self, slot: _Slot, waited: float) -> _WorkerDied:
+        source = (
+            "--worker-timeout" if self.worker_timeout > 0 else f"{HANG_FACTOR:g}x the slowest call so far"
+        )
+        return _WorkerDied(
+            slot, TimeoutError(f"no answer in {waited:.0f} s, the hang limit ({source}); killed")
+        )
+
+    def _get(self, ref: Any, slot: _Slot, what: str = "", timeout: float | None = None) -> Any:
         """ray.get, counting the answer; a dead worker raises _WorkerDied, a worker-side error its cause
-        (a user-facing EsftError stays one line)."""
+        (a user-facing EsftError stays one line); no answer within ``timeout`` seconds counts as dead."""
         ray = self.ray
         try:
-            value = ray.get(ref)
+            value = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise self._hung(slot, timeout or 0.0) from None
         except ray.exceptions.RayActorError as e:
             if what:  # while starting: nothing to recover
                 raise DistributedError(
@@ -309,11 +333,18 @@ class WorkerPool:
         A worker that dies is replaced, and its replacement rebuilt to the state after this call."""
         refs = [(slot, self._call(slot, method, *args)) for slot in self.slots]
         answers: dict[int, Any] = {}
+        sent = time.perf_counter()
         for slot, ref in refs:
             try:
                 if slot.building is not None:  # a replacement: check its rebuild before its answer
                     self._finish_build(slot)
-                answers[slot.index] = self._get(ref, slot)
+                    sent = time.perf_counter()  # its answer waited for the rebuild, which has no limit
+                timed = method == "esft_update"  # start-up calls (loading, hashing) have no limit
+                limit = self.hang_limit() if timed else None
+                left = None if limit is None else max(0.0, sent + limit - time.perf_counter())
+                answers[slot.index] = self._get(ref, slot, timeout=left)
+                if timed:
+                    self.slowest = max(self.slowest, time.perf_counter() - sent)
             except _WorkerDied as dead:
                 self._replace(dead, f"during {method}")
         if not answers:
@@ -409,8 +440,9 @@ class WorkerPool:
         )
         new.building = self._call(new, "build", candidates, self.init_args, len(self.updates))
         self.slots[old.index] = new
+        hung = isinstance(dead.cause, TimeoutError)
         _warn(
-            f"esft: Ray worker {old.index} died {when} ({_first_line(dead.cause)})"
+            f"esft: Ray worker {old.index} {'hung' if hung else 'died'} {when} ({_first_line(dead.cause)})"
             + (f"; {lost} re-queued to the others" if lost else "")
             + f"; starting a replacement, rebuilt from {described}"
         )
@@ -557,6 +589,7 @@ class WorkerPool:
         queue: deque[int] = deque(range(len(units)))
         results: list[Any] = [None] * len(units)
         running: dict[Any, tuple[_Slot, int | None]] = {}  # ObjectRef -> (worker, unit; None: a build)
+        started: dict[Any, float] = {}  # ObjectRef of a unit -> when it was handed out
         idle: deque[_Slot] = deque()
         for slot in self.slots:
             if slot.building is not None:
@@ -575,15 +608,30 @@ class WorkerPool:
                         slot, "score", [wire[i] for i in units[u]], rows_ref, sigma, max_new_tokens, state
                     )
                     running[ref] = (slot, u)
+                    started[ref] = time.perf_counter()
                 if not running:
                     raise DistributedError("no Ray worker is left to score the population")
-                [done], _ = ray.wait(list(running), num_returns=1)
+                limit = self.hang_limit()
+                timeout = None
+                if limit is not None and started:
+                    timeout = max(0.0, min(started.values()) + limit - time.perf_counter())
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+                if ready:
+                    done = ready[0]
+                else:  # the unit handed out longest ago may have run past the hang limit
+                    done = min(started, key=started.__getitem__)
+                    if limit is None or time.perf_counter() - started[done] < limit:
+                        continue
                 slot, u = running.pop(done)
+                began = started.pop(done, None)
                 try:
+                    if not ready:
+                        raise self._hung(slot, time.perf_counter() - began)
                     if u is None:
                         self._finish_build(slot)
                     else:
                         results[u] = self._get(done, slot)
+                        self.slowest = max(self.slowest, time.perf_counter() - began)
                         bar.update(len(units[u]))
                 except _WorkerDied as dead:
                     lost = ""

