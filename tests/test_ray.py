@@ -155,11 +155,17 @@ def single_lowrank(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("noise", ["independent", "lowrank"])
-def test_two_workers_give_the_single_process_run(needs_ray, tiny_model, noise, request, tmp_path):
+def test_two_workers_give_the_single_process_run(
+    needs_ray, tiny_model, noise, request, tmp_path, monkeypatch
+):
     """--workers 2 starts a local cluster, spreads the members (low-rank: population batches of
     batch_size // prompts members) and ends with the same bits, seed log, rewards and evaluation; the
     run folder replays, like any other."""
     import ray
+
+    import esft.distributed.pool as pool
+
+    monkeypatch.setattr(pool, "usable_cpus", lambda: 2)  # one core and one thread per worker, on any machine
 
     single = request.getfixturevalue("single" if noise == "independent" else "single_lowrank")
     assert not ray.is_initialized()  # the pool starts its own cluster here, and stops it
