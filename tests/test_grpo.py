@@ -204,3 +204,39 @@ def test_esft_task_rewards_run_inside_trl_grpotrainer(tiny_model, tmp_path, task
             log_metric=trainer._log_metric,
         )
         assert values == [1.0], (fn.__name__, values)
+
+
+def test_resume_continues_with_the_weights_of_an_uninterrupted_run(tiny_model, tmp_path, capsys):
+    """A run stopped after step 2 and resumed to step 4 (TRL's optimizer, scheduler, RNG and data
+    position from trl/checkpoint-2) ends with the bits, logs and counters of a run that never stopped."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert (
+        grpo(tiny_model, straight, "--iterations", "4", "--checkpoint-every", "2", "--eval-every", "2") == 0
+    )
+    assert grpo(tiny_model, resumed, "--iterations", "2", "--checkpoint-every", "2", "--eval-every", "2") == 0
+    assert [p.name for p in (resumed / "trl").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert main(["grpo", "--output", str(resumed), "--resume", "--iterations", "4", "--quiet"]) == 0
+    a = load_file(str(straight / "checkpoints" / "iter-000004" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "iter-000004" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [m["iteration"] for m in mb] == [1, 2, 3, 4]
+    assert [(m["samples"], m["tokens"], m["train/reward_mean"]) for m in mb] == [
+        (m["samples"], m["tokens"], m["train/reward_mean"]) for m in ma
+    ]
+    assert [e["iteration"] for e in read_jsonl(resumed / "eval.jsonl") if e["split"] == "test"] == [0, 2, 4]
+    # the newest state only
+    assert [p.name for p in (resumed / "trl").glob("checkpoint-*")] == ["checkpoint-4"]
+
+    # one-line errors: nothing to resume from, another trainer's run, a changed setting
+    capsys.readouterr()
+    assert grpo(tiny_model, tmp_path / "nostate", "--iterations", "1", "--checkpoint-every", "0") == 0
+    assert main(["grpo", "--output", str(tmp_path / "nostate"), "--resume", "--quiet"]) == 2
+    assert "holds no GRPO training state" in capsys.readouterr().err
+    assert main(["grpo", "--output", str(resumed), "--resume", "--learning-rate", "0.5", "--quiet"]) == 2
+    assert "learning_rate differ" in capsys.readouterr().err
+    es_run = tmp_path / "es"
+    assert main(["train", "--model", str(tiny_model), "--output", str(es_run), "--task", "conciseness",
+                 "--iterations", "1", "--population", "2", "--max-new-tokens", "4", "--quiet"]) == 0  # fmt: skip
+    assert main(["grpo", "--output", str(es_run), "--resume", "--quiet"]) == 2
+    assert "is an ES run, not a GRPO run" in capsys.readouterr().err

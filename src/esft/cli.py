@@ -97,7 +97,7 @@ def _train_config(
 
         store = RunStore(args.output)
         if store.exists():
-            values.update({k: v for k, v in store.read_config().items() if k in ESConfig.field_names()})
+            values.update({k: v for k, v in store.read_config().items() if k in cls.field_names()})
     flags = {k: v for k, v in vars(args).items() if k in cls.field_names() and v is not None}
     if "task_options" in flags:
         flags["task_options"] = {
@@ -162,14 +162,26 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_grpo(args: argparse.Namespace, argv: list[str]) -> int:
-    from esft.grpo import GRPORun
+    from esft.grpo import GRPORun, training_states
 
+    if args.resume and not args.output:
+        raise ConfigError("--resume needs --output RUN_DIR, the folder of the run to continue")
     config, _ = _train_config(args, argv, GRPORunConfig)
-    run = GRPORun(config, progress=not args.quiet)
+    run = GRPORun(
+        config,
+        progress=not args.quiet,
+        resume=args.resume,
+        allow_environment_change=args.allow_environment_change,
+    )
     try:
         result = run.train()
     except KeyboardInterrupt:
-        print(f"\nesft: interrupted; checkpoints so far are in {run.store.root}", file=sys.stderr)
+        hint = (
+            f"esft grpo --output {run.store.root} --resume"
+            if training_states(run.store.root)
+            else "(no training state saved yet: --checkpoint-every N saves one every N steps)"
+        )
+        print(f"\nesft: interrupted. Continue with:  {hint}", file=sys.stderr)
         return 130
     print_result(result)
     return 0
@@ -373,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune with GRPO (TRL's GRPOTrainer): the RL baseline, same tasks and run folder as ES",
     )
     p.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override; ES-only ones ignored)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its newest training state (saved every --checkpoint-every steps)",
+    )
+    p.add_argument(
+        "--allow-environment-change",
+        action="store_true",
+        help="resume although device, dtype, library versions, GPU or base weights changed",
+    )
     p.add_argument("--data", help="dataset file for the task (shortcut for --task-option data_file=FILE)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
     _add_config_flags(p, GRPORunConfig)

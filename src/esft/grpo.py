@@ -14,8 +14,11 @@ ES and GRPO runs are meant to be compared, so everything around the optimiser is
 The policy-gradient maths (sampling G completions per prompt, group-relative advantages, the clipped
 surrogate with the chosen loss aggregation, the optional KL term, AdamW) is TRL's, not ours.
 Differences from TRL's defaults, on purpose: a constant learning rate (ES has a constant step size;
-TRL decays linearly to 0 over max_steps, which would make the schedule depend on the budget), every
-step logged, and TRL's own checkpointing off (esft writes the run folder's checkpoints).
+TRL decays linearly to 0 over max_steps, which would make the schedule depend on the budget) and every
+step logged. esft writes the run folder's checkpoints (Hugging Face weights, for eval and analysis);
+beside them, every ``--checkpoint-every`` steps, TRL saves its training state (optimizer moments,
+scheduler, RNG, data position) under ``trl/checkpoint-N``, the newest only, so that ``esft grpo
+--output RUN --resume`` continues a run where it stopped, with the weights an uninterrupted run has.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -41,7 +46,7 @@ from esft.resources import peak_memory, reset_peak
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 from esft.tasks.base import Scores, TrainerState, completion_text
-from esft.trainer import TrainResult
+from esft.trainer import TrainResult, torch_threads
 
 TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
 
@@ -139,6 +144,47 @@ def step_layout(config: GRPORunConfig, n_train: int) -> tuple[int, int, int]:
     return prompts, per_step, micro
 
 
+def replay_epochs_on_resume(trainer: Any) -> None:
+    """Make TRL's prompt sampler resumable: give it the ``set_epoch`` that transformers calls at each
+    epoch's start, drawing that epoch's order afresh from the seed.
+
+    TRL's ``RepeatSampler`` shuffles with one generator seeded once, so epoch e's order is the generator's
+    (e+1)-th permutation. transformers resumes a sampler through ``set_epoch`` only; a resumed run would
+    otherwise start again at the first epoch's order and train on other batches than an uninterrupted
+    run. Replaying e permutations from the seed gives the same orders in both (a fresh run draws the same
+    sequence as before). A sampler that is not shaped like TRL's is left alone."""
+    import torch
+
+    make = trainer._get_train_sampler
+
+    def sampler(*args: Any, **kwargs: Any):
+        s = make(*args, **kwargs)
+        generator = getattr(s, "generator", None)
+        if not getattr(s, "shuffle", False) or s.seed is None or not isinstance(generator, torch.Generator):
+            return s
+
+        def set_epoch(epoch: int) -> None:
+            generator.manual_seed(s.seed)
+            for _ in range(int(epoch)):
+                torch.randperm(s.num_samples, generator=generator)
+
+        s.set_epoch = set_epoch
+        return s
+
+    trainer._get_train_sampler = sampler
+
+
+def training_states(run_dir: Path) -> dict[int, Path]:
+    """TRL's saved training states in a run folder by step (``trl/checkpoint-N`` with its trainer
+    state written, i.e. complete)."""
+    found: dict[int, Path] = {}
+    for d in (Path(run_dir) / "trl").glob("checkpoint-*"):
+        step = d.name.rsplit("-", 1)[1]
+        if step.isdigit() and (d / "trainer_state.json").is_file() and (d / "optimizer.pt").is_file():
+            found[int(step)] = d
+    return found
+
+
 def planned_steps(config: GRPORunConfig, per_step: int) -> int:
     """Optimizer steps: --iterations, or fewer when --budget-samples is reached first."""
     if not config.budget_samples:
@@ -149,13 +195,22 @@ def planned_steps(config: GRPORunConfig, per_step: int) -> int:
 class GRPORun:
     """``esft grpo``: one GRPO training run on an esft task, into an esft run folder."""
 
-    def __init__(self, config: GRPORunConfig, progress: bool = True, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        config: GRPORunConfig,
+        progress: bool = True,
+        task: Task | None = None,
+        resume: bool = False,
+        allow_environment_change: bool = False,
+    ) -> None:
         try:
             import trl  # noqa: F401
         except ImportError:
             raise ConfigError(TRL_MISSING) from None
         self.config = config
         self.progress = progress
+        self.resume = resume
+        self.allow_environment_change = allow_environment_change
         self.task = task or load_task(
             config.task, reward=config.reward, reward_weights=config.reward_weights, **config.task_options
         )
@@ -164,10 +219,12 @@ class GRPORun:
         self.store = RunStore(output)
         self.store.lock()
         try:
-            if self.store.exists() or self.store.metrics_path.exists():
+            if resume:
+                self.state_dir = self._resume_point()
+            elif self.store.exists() or self.store.metrics_path.exists():
                 raise ConfigError(
-                    f"{self.store.root} already holds a run; choose another --output "
-                    "(GRPO runs cannot be resumed: TRL's optimizer state is not kept)"
+                    f"{self.store.root} already holds a run; pass --resume to continue it or choose "
+                    "another --output"
                 )
             if not self.task.train:
                 raise ConfigError(f"task {self.task.name!r} has an empty train split")
@@ -175,6 +232,37 @@ class GRPORun:
         except BaseException:
             self.store.unlock()
             raise
+
+    def _resume_point(self) -> Path:
+        """The newest TRL training state of the run in --output (checked against its settings)."""
+        from esft.trainer import RESUMABLE
+
+        store = self.store
+        if not store.exists():
+            raise ConfigError(f"--resume: {store.root} holds no run to resume; drop --resume to start one")
+        saved = store.read_config()
+        if saved.get("trainer", "es") != "grpo":
+            raise ConfigError(
+                f"--resume: {store.root} is an ES run, not a GRPO run; continue it with esft train --resume"
+            )
+        mine = self.config.to_dict()
+        changed = sorted(
+            k
+            for k, v in saved.items()
+            if k in GRPORunConfig.field_names() and k not in RESUMABLE and v != mine.get(k)
+        )
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} differ from the run in {store.root}; resume with the "
+                "original settings (only iterations and logging cadence may change)"
+            )
+        states = training_states(store.root)
+        if not states:
+            raise ConfigError(
+                f"--resume: {store.root} holds no GRPO training state to continue from (TRL saves it every "
+                "--checkpoint-every steps, and this run saved none); start a new run"
+            )
+        return states[max(states)]
 
     def _log(self, msg: str) -> None:
         if self.progress:
@@ -200,6 +288,12 @@ class GRPORun:
         from trl import GRPOConfig, GRPOTrainer
 
         cfg, store, task = self.config, self.store, self.task
+        check_env = self.resume and not self.allow_environment_change
+        recorded = environment.read(store.root) if check_env else None
+        threads = environment.resume_threads(recorded)
+        if threads is not None and threads != torch_threads():
+            self._log(f"esft grpo: resuming with {threads} torch thread(s), as the run started")
+            torch_threads(threads)
         engine = HFEngine(self.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
         reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
         if cfg.fixed_length:
@@ -207,8 +301,18 @@ class GRPORun:
         n_trainable = freeze_parameters(engine.model, cfg.freeze)
         n_prompts, per_step, micro = step_layout(cfg, len(task.train))
         steps = planned_steps(cfg, per_step)
+        env_now = environment.describe(engine, "hf", self.model_path)
+        start = 0
+        if self.resume:
+            start = int(self.state_dir.name.rsplit("-", 1)[1])
+            if check_env:
+                environment.check(recorded, env_now, environment.CHECKED, "--resume")
+            store.truncate_logs(start)  # steps after the saved state are redone
+            for i, path in store.checkpoints().items():
+                if i > start:
+                    shutil.rmtree(path)
         store.write_config({"trainer": "grpo", **cfg.to_dict(), "model_path": self.model_path})
-        environment.write(store.root, environment.describe(engine, "hf", self.model_path))
+        environment.write(store.root, env_now)
         tb = SummaryWriter(str(store.root / "events"))
         rewards = TaskRewardFunctions(task)
         with warnings.catch_warnings():
@@ -221,6 +325,10 @@ class GRPORun:
             f"lr={cfg.learning_rate:g} beta={cfg.beta:g} loss {cfg.loss_type} | {steps} steps | run {store.root}"
         )
         callback = _RunFolderCallback(self, engine, rewards, tb, steps)
+        if start:
+            done = [m for m in store.metrics() if m["iteration"] <= start]
+            callback.resume(start, done[-1]["samples"] if done else 0, done[-1]["tokens"] if done else 0)
+            self._log(f"esft grpo: resuming from step {start} ({self.state_dir})")
         trainer = GRPOTrainer(
             model=engine.model,
             reward_funcs=rewards.functions(),
@@ -230,15 +338,16 @@ class GRPORun:
             callbacks=[callback],
         )
         trainer.remove_callback(PrinterCallback)
-        if cfg.eval_every:
+        replay_epochs_on_resume(trainer)
+        if cfg.eval_every and not start:
             self._evaluate(engine, 0, tb)
         with warnings.catch_warnings():
             # transformers 5 renamed gradient checkpointing; TRL still calls the old names every step
             warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(self.state_dir) if start else None)
         callback.bar.close()
         with contextlib.suppress(OSError):
-            (store.root / "trl").rmdir()  # TRL's output_dir: unused, esft writes the run folder
+            (store.root / "trl").rmdir()  # TRL's output_dir, when no training state was saved
         last = callback.last_step
         if last and last not in store.checkpoints():
             self._checkpoint(engine, last)
@@ -274,7 +383,12 @@ class GRPORun:
             seed=cfg.seed,
             data_seed=cfg.seed,
             logging_steps=1,
-            save_strategy="no",
+            # TRL's own checkpoint (model, optimizer, scheduler, RNG, data position) is what --resume
+            # continues from; only the newest is kept (esft keeps the weights in checkpoints/)
+            save_strategy="steps" if cfg.checkpoint_every else "no",
+            save_steps=cfg.checkpoint_every or 500,
+            save_total_limit=1,
+            save_only_model=False,
             report_to=[],
             disable_tqdm=True,  # esft's own bar and step lines instead of TRL's printed log dicts
             remove_unused_columns=False,
@@ -324,6 +438,11 @@ class _RunFolderCallback(TrainerCallback):
         self.last_step = 0
         self._t0 = time.perf_counter()
         self.bar = tqdm(total=steps, desc="GRPO", unit="step", disable=not run.progress, dynamic_ncols=True)
+
+    def resume(self, step: int, samples: int, tokens: int) -> None:
+        """Continue the counters and the bar of a run resumed after ``step``."""
+        self.last_step, self.samples, self.tokens = step, samples, tokens
+        self.bar.update(step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
