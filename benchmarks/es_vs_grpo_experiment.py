@@ -9,6 +9,10 @@ summary.json. Every step is an esft command, printed before it runs, so each num
 
     python benchmarks/es_vs_grpo_experiment.py --out experiments/es-vs-grpo            # all tasks
     python benchmarks/es_vs_grpo_experiment.py --out X --tasks conciseness --seeds 0 1  # a subset
+    python benchmarks/es_vs_grpo_experiment.py --out X --tasks conciseness --seeds 0 --grpo-lr 1e-6 3e-6
+
+``--grpo-lr`` adds GRPO runs at other learning rates (``grpo-lr1e-06-seed0``, ...), trained, analysed
+and tabulated like the others (the cosine and interpolation stay with the task's own GRPO run).
 
 Finished steps are skipped when the script is run again (their outputs exist).
 """
@@ -68,7 +72,7 @@ def train(kind: str, spec: dict, seed: int, out: Path) -> None:
         return
     import yaml
 
-    cfg = out.parent / f"{kind}-seed{seed}.yaml"
+    cfg = out.parent / f"{out.name}.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(yaml.safe_dump({**spec["shared"], **spec[kind], "seed": seed}))
     esft("train" if kind == "es" else "grpo", "--config", str(cfg), "--output", str(out), "--quiet")
@@ -164,6 +168,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--no-interpolate", action="store_true")
+    p.add_argument("--grpo-lr", nargs="*", type=float, default=[], help="extra GRPO learning rates")
     args = p.parse_args()
     out = Path(args.out)
     summary: dict = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -186,6 +191,11 @@ def main() -> None:
             rows.append(
                 {"trainer": "cosine(ES, GRPO)", "seed": seed, "cosine": dig(load(cos), "total", "cosine")}
             )
+            for lr in args.grpo_lr:
+                run = tdir / f"grpo-lr{lr:g}-seed{seed}"
+                train("grpo", {**spec, "grpo": {**spec["grpo"], "learning_rate": lr}}, seed, run)
+                summary_row = summarise_run(run, analyse(run, spec["kl_limit"]))
+                rows.append({"trainer": f"grpo lr {lr:g}", "seed": seed, **summary_row})
             interp = tdir / f"interpolate-seed{seed}.json"
             if seed == args.seeds[0] and not args.no_interpolate and not interp.is_file():
                 esft("analyze", "interpolate", str(pair["es"]), str(pair["grpo"]), "--points", "5",
