@@ -360,6 +360,26 @@ def test_reward_vs_kl_points_and_front(report, runs):
     assert "base (conciseness)" in details["front"]["k3"]  # KL 0: nothing has lower KL
 
 
+def test_runs_sharing_a_folder_name_keep_their_own_kl_points(runs, tmp_path):
+    """Two runs named es-s0 (say, one per task): each KL analysis in a run's analysis/ folder belongs to
+    that run, and the points are labelled by the runs' unique names on the page."""
+    twin = tmp_path / "other-task" / "es-s0"
+    shutil.copytree(runs["es-s0"], twin)
+    rows = [json.loads(line) for line in (twin / "eval.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["reward"] = float(r["reward"]) - 100.0  # told apart from the original's points
+    (twin / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert report_cli.run(parse([str(runs["es-s0"]), str(twin), "--output", str(out)])) == 0
+    details = next(
+        p for p in json.loads((out / "report.json").read_text())["plots"] if p["name"] == "reward_vs_kl"
+    )["details"]
+    mine = {p["label"]: p for p in details["points"] if p["trainer"] != "base"}
+    assert {f"{runs['es-s0']}@20", f"{twin}@20", f"{runs['es-s0']}@10", f"{twin}@10"} == set(mine)
+    assert mine[f"{twin}@20"]["reward"] == mine[f"{runs['es-s0']}@20"]["reward"] - 100.0
+    assert mine[f"{twin}@20"]["file"].startswith(str(twin))
+
+
 def test_page_is_self_contained_with_every_plot_and_the_configs(report):
     page = (report["out"] / "report.html").read_text()
     assert "<title>ES vs GRPO</title>" in page

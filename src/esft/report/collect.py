@@ -235,12 +235,17 @@ def split_label(label: Any) -> tuple[str, int | None]:
     return (head, int(tail)) if sep and tail.isdigit() else (str(label), None)
 
 
-def run_for_label(label: Any, runs: list[Run]) -> tuple[Run, int] | None:
-    """The run and checkpoint iteration an analysis label (``NAME@ITER``) names, if it is one of ours."""
+def run_for_label(label: Any, runs: list[Run], near: Path | None = None) -> tuple[Run, int] | None:
+    """The run and checkpoint iteration an analysis label (``NAME@ITER``) names, if it is one of ours.
+    Labels hold only the run folder's name; when several runs share it, the one whose folder holds the
+    analysis file ``near`` (its ``analysis/`` JSON) is meant, and otherwise the label is ambiguous."""
     name, it = split_label(label)
     if it is None:
         return None
     matches = [r for r in runs if r.name == name]
+    if len(matches) > 1 and near is not None:
+        where = Path(near).resolve()
+        matches = [r for r in matches if where.is_relative_to(r.path.resolve())] or matches
     return (matches[0], it) if len(matches) == 1 else None
 
 
@@ -266,19 +271,23 @@ def _mentions(a: Analysis, runs: list[Run]) -> list[Run]:
     d = a.data
     found: list[tuple[Run, int] | None] = []
     if a.kind in ("weights", "kl"):
-        found.append(run_for_label(d.get("model"), runs))
+        found.append(run_for_label(d.get("model"), runs, near=a.path))
     elif a.kind == "growth":
         found.append(run_for_path(d.get("run"), runs))
     elif a.kind == "cosine":
         found += [run_for_path(d.get("a"), runs), run_for_path(d.get("b"), runs)]
     elif a.kind == "interpolate":
-        found += [run_for_label(d.get("a_label"), runs), run_for_label(d.get("b_label"), runs)]
+        found += [run_for_label(d.get(k), runs, near=a.path) for k in ("a_label", "b_label")]
     elif a.kind == "passk":
-        found += [run_for_label(m.get("model"), runs) for m in d.get("models") or [] if isinstance(m, dict)]
+        found += [
+            run_for_label(m.get("model"), runs, near=a.path)
+            for m in d.get("models") or []
+            if isinstance(m, dict)
+        ]
     elif a.kind == "forgetting":
         found += [run_for_path(p, runs) for p in (d.get("models") or {}).values()]
     elif a.kind == "sequential":
-        found += [run_for_label(s, runs) for s in d.get("stages") or []]
+        found += [run_for_label(s, runs, near=a.path) for s in d.get("stages") or []]
     out: list[Run] = []
     for f in found:
         if f is not None and f[0] not in out:

@@ -214,9 +214,10 @@ def kl_points(docs: list[Analysis], runs: list[Run]) -> tuple[list[dict[str, Any
     """One point per KL analysis of a run's checkpoint: KL per token on the run's own task (k1, k3) and
     the run's greedy test reward at that checkpoint. Returns (points, notes on what was left out)."""
     points, notes = [], []
+    owner: dict[str, Run] = {}  # point label -> its run
     for a in docs:
         label = a.data.get("model")
-        found = run_for_label(label, runs)
+        found = run_for_label(label, runs, near=a.path)
         tasks = a.data.get("tasks") or {}
         if found is None:
             notes.append(f"{a.path.name}: {label} is not a checkpoint of a run in this report")
@@ -235,6 +236,8 @@ def kl_points(docs: list[Analysis], runs: list[Run]) -> tuple[list[dict[str, Any
             notes.append(f"{a.path.name}: {label}: {why}")
             continue
         trainer = "base" if it == 0 else run.trainer
+        label = f"{run.display or run.name}@{it}"  # unique on the page, as the run's other series
+        owner[label] = run
         points.append(
             {"label": label, "trainer": trainer, "task": task, "k3": k3, "k1": k1, "reward": reward}
             | {"file": str(a.path), "iteration": it, "base": str(run.config.get("model_path"))}
@@ -243,7 +246,7 @@ def kl_points(docs: list[Analysis], runs: list[Run]) -> tuple[list[dict[str, Any
     # the base model itself: KL 0 by definition, reward = the runs' evaluation before training
     bases = {(p["base"], p["task"]) for p in points if p["iteration"] == 0}
     for label in dict.fromkeys(p["label"] for p in points):
-        run = run_for_label(label, runs)[0]
+        run = owner[label]
         key = (str(run.config.get("model_path")), run.task)
         reward = run.eval_at(0)
         if key not in bases and reward is not None:
