@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,20 @@ def check(recorded: dict[str, Any] | None, now: dict[str, Any], fields: tuple[st
             f"{what}: {'; '.join(changed)} since the run started, so the result would not be bit-identical; "
             "use the original environment, or pass --allow-environment-change to accept that"
         )
+
+
+def use_threads(threads: int | None, log: Callable[[str], None]) -> None:
+    """Run this process's torch with ``threads`` threads (a resumed CPU run's; None: leave it), saying
+    so when that is not the machine's default."""
+    import torch
+
+    if threads is None or threads == torch.get_num_threads():
+        return
+    log(
+        f"esft: resuming with {threads} torch thread(s), as the run started (this machine's default is "
+        f"{torch.get_num_threads()}; CPU rounding depends on it; --allow-environment-change keeps the default)"
+    )
+    torch.set_num_threads(threads)
 
 
 def resume_threads(recorded: dict[str, Any] | None) -> int | None:

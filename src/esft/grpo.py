@@ -46,7 +46,7 @@ from esft.resources import peak_memory, reset_peak
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task, load_task
 from esft.tasks.base import Scores, TrainerState, completion_text
-from esft.trainer import TrainResult, torch_threads
+from esft.trainer import TrainResult, check_resumable
 
 TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
 
@@ -235,27 +235,8 @@ class GRPORun:
 
     def _resume_point(self) -> Path:
         """The newest TRL training state of the run in --output (checked against its settings)."""
-        from esft.trainer import RESUMABLE
-
         store = self.store
-        if not store.exists():
-            raise ConfigError(f"--resume: {store.root} holds no run to resume; drop --resume to start one")
-        saved = store.read_config()
-        if saved.get("trainer", "es") != "grpo":
-            raise ConfigError(
-                f"--resume: {store.root} is an ES run, not a GRPO run; continue it with esft train --resume"
-            )
-        mine = self.config.to_dict()
-        changed = sorted(
-            k
-            for k, v in saved.items()
-            if k in GRPORunConfig.field_names() and k not in RESUMABLE and v != mine.get(k)
-        )
-        if changed:
-            raise ConfigError(
-                f"--resume: {', '.join(changed)} differ from the run in {store.root}; resume with the "
-                "original settings (only iterations and logging cadence may change)"
-            )
+        check_resumable(store, self.config, "grpo")
         states = training_states(store.root)
         if not states:
             raise ConfigError(
@@ -290,10 +271,7 @@ class GRPORun:
         cfg, store, task = self.config, self.store, self.task
         check_env = self.resume and not self.allow_environment_change
         recorded = environment.read(store.root) if check_env else None
-        threads = environment.resume_threads(recorded)
-        if threads is not None and threads != torch_threads():
-            self._log(f"esft grpo: resuming with {threads} torch thread(s), as the run started")
-            torch_threads(threads)
+        environment.use_threads(environment.resume_threads(recorded), self._log)
         engine = HFEngine(self.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
         reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
         if cfg.fixed_length:

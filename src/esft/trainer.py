@@ -260,13 +260,33 @@ class TrainResult:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def torch_threads(n: int | None = None) -> int:
-    """torch's intra-op thread count in this process; set it first when ``n`` is given."""
-    import torch
+TRAINERS = {"es": ("ES", "esft train"), "grpo": ("GRPO", "esft grpo")}  # config's trainer -> name, command
 
-    if n is not None:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
+
+def check_resumable(store: RunStore, config: Any, trainer: str) -> None:
+    """``--resume``'s checks, for either trainer: ``store`` holds a run of ``trainer`` whose settings are
+    ``config``'s except the RESUMABLE ones; otherwise a one-line ConfigError saying what to change."""
+    if not store.exists():
+        raise ConfigError(f"--resume: {store.root} holds no run to resume; drop --resume to start one")
+    saved = store.read_config()
+    was = saved.get("trainer", "es")
+    if was != trainer:
+        have, command = TRAINERS.get(was, (str(was), f"esft {was}"))
+        want = TRAINERS[trainer][0]
+
+        def a(name: str) -> str:
+            return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
+
+        raise ConfigError(
+            f"--resume: {store.root} is {a(have)} run, not {a(want)} run; continue it with {command} --resume"
+        )
+    mine, fields = config.to_dict(), type(config).field_names()
+    changed = sorted(k for k, v in saved.items() if k in fields and k not in RESUMABLE and v != mine.get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} differ from the run in {store.root}; "
+            "resume with the original settings (only iterations and logging cadence may change)"
+        )
 
 
 class ESTrainer:
@@ -305,24 +325,7 @@ class ESTrainer:
     def _check_run_folder(self) -> None:
         store = self.store
         if self.resume:
-            if not store.exists():
-                raise ConfigError(
-                    f"--resume: {store.root} holds no run to resume; drop --resume to start one"
-                )
-            saved = store.read_config()
-            if saved.get("trainer", "es") != "es":
-                raise ConfigError(
-                    f"--resume: {store.root} is a {saved['trainer']} run, not an ES run; "
-                    f"continue it with esft {saved['trainer']}"
-                )
-            saved_cfg = {k: v for k, v in saved.items() if k in ESConfig.field_names()}
-            mine = self.config.to_dict()
-            changed = sorted(k for k in saved_cfg if k not in RESUMABLE and saved_cfg[k] != mine.get(k))
-            if changed:
-                raise ConfigError(
-                    f"--resume: {', '.join(changed)} differ from the run in {store.root}; "
-                    "resume with the original settings (only iterations and logging cadence may change)"
-                )
+            check_resumable(store, self.config, "es")
         elif store.exists() or store.seedlog_path.exists():
             raise ConfigError(
                 f"{store.root} already holds a run; pass --resume to continue it or choose another --output"
@@ -492,13 +495,7 @@ class ESTrainer:
                 cfg, path, options, self.task, self.store.checkpoints, self._log, threads=threads
             )
         else:
-            if threads is not None and threads != torch_threads():
-                self._log(
-                    f"esft: resuming with {threads} torch thread(s), as the run started (this machine's "
-                    f"default is {torch_threads()}; CPU rounding depends on it; --allow-environment-change "
-                    "keeps the default)"
-                )
-                torch_threads(threads)
+            environment.use_threads(threads, self._log)
             engine = build_engine(
                 cfg.engine, path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, **options
             )
