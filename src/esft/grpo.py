@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -286,9 +285,9 @@ class GRPORun:
             if check_env:
                 environment.check(recorded, env_now, environment.CHECKED, "--resume")
             store.truncate_logs(start)  # steps after the saved state are redone
-            for i, path in store.checkpoints().items():
+            for i in store.checkpoints():
                 if i > start:
-                    shutil.rmtree(path)
+                    store.drop_checkpoint(i)
         store.write_config({"trainer": "grpo", **cfg.to_dict(), "model_path": self.model_path})
         environment.write(store.root, env_now)
         tb = SummaryWriter(str(store.root / "events"))

@@ -218,10 +218,15 @@ class RunStore:
         newest = sorted(ckpts)[-keep:]
         dropped = [i for i in ckpts if i not in newest and i not in set(pinned)]
         for i in dropped:
-            # drop the completion marker first: a crash mid-delete leaves a folder resume ignores
-            (ckpts[i] / CHECKPOINT_MARKER).unlink(missing_ok=True)
-            shutil.rmtree(ckpts[i], ignore_errors=True)
+            self.drop_checkpoint(i)
         return dropped
+
+    def drop_checkpoint(self, iteration: int) -> None:
+        """Delete checkpoint ``iteration``, its completion marker first: a crash mid-delete leaves a
+        folder that resume ignores."""
+        path = self.checkpoint_dir(iteration)
+        (path / CHECKPOINT_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
 
     def clean_temp(self) -> None:
         if self.checkpoint_root.is_dir():
