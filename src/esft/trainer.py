@@ -260,7 +260,10 @@ class TrainResult:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-TRAINERS = {"es": ("ES", "esft train"), "grpo": ("GRPO", "esft grpo")}  # config's trainer -> name, command
+TRAINERS = {
+    "es": ("an ES", "esft train"),
+    "grpo": ("a GRPO", "esft grpo"),
+}  # config's trainer -> name, command
 
 
 def check_resumable(store: RunStore, config: Any, trainer: str) -> None:
@@ -271,14 +274,10 @@ def check_resumable(store: RunStore, config: Any, trainer: str) -> None:
     saved = store.read_config()
     was = saved.get("trainer", "es")
     if was != trainer:
-        have, command = TRAINERS.get(was, (str(was), f"esft {was}"))
-        want = TRAINERS[trainer][0]
-
-        def a(name: str) -> str:
-            return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
-
+        have, command = TRAINERS.get(was, (f"a {was}", f"esft {was}"))
         raise ConfigError(
-            f"--resume: {store.root} is {a(have)} run, not {a(want)} run; continue it with {command} --resume"
+            f"--resume: {store.root} is {have} run, not {TRAINERS[trainer][0]} run; "
+            f"continue it with {command} --resume"
         )
     mine, fields = config.to_dict(), type(config).field_names()
     changed = sorted(k for k, v in saved.items() if k in fields and k not in RESUMABLE and v != mine.get(k))
