@@ -247,7 +247,7 @@ class VLLMEngine:
     def weight_checksums(self, names: Sequence[str] | None = None) -> dict[str, int]:
         """Exact per-tensor checksums (``esft.es.checksum``) of the weights in vLLM's worker, by HF name
         (all, or ``names``); a Ray worker compares them with its peers'."""
-        return self._rpc("esft_weight_checksums", list(names) if names else None)
+        return self._rpc("esft_checksum", list(names) if names else None)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(s) for n, s in self.setup_report["names"].items()}

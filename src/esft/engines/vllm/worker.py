@@ -364,14 +364,9 @@ class ESWorkerExtension:
     def esft_state_norm(self) -> float:
         return self._esft_ps().state_norm()
 
-    def esft_checksum(self, names: list[str] | None = None) -> dict[str, float]:
-        """Float64 sums of the live HF-named views (cheap identity check for tests/diagnostics)."""
-        names = names or list(self._esft_views)
-        return {n: float(self._esft_views[n].double().sum()) for n in names}
-
-    def esft_weight_checksums(self, names: list[str] | None = None) -> dict[str, int]:
-        """Exact checksums of the live HF-named views' bits (``esft.es.checksum``), as a Ray worker
-        holding the HF engine computes them over its parameters: replicas compare these."""
+    def esft_checksum(self, names: list[str] | None = None) -> dict[str, int]:
+        """Exact checksums of the live HF-named views' bits (``esft.es.checksum``; all, or ``names``),
+        as a Ray worker computes them over its engine's parameters: replicas compare these."""
         from esft.es.checksum import checksums
 
         views = self._esft_views
