@@ -8,6 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+# --dtype auto follows the CPU's bf16 instructions (esft/dtypes.py); tests pin it to float32 so that they
+# compute the same on every machine (the tests of the choice itself set this per test). Subprocesses
+# and Ray workers inherit it.
+os.environ["ESFT_CPU_FLAGS"] = ""
+
 from helpers import CHAT_TEMPLATE, build_tiny_model  # noqa: F401  (tests import them from here)
 
 

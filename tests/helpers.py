@@ -14,14 +14,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(path: Path, tie: bool = False, seed: int = 0, **config: Any) -> Path:
-    """Save a random Qwen2 model and its tokenizer (a 296-token byte-level BPE) to ``path``.
+ARCHS = {  # arch -> (config class, model class) in transformers
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
+
+
+def build_tiny_model(
+    path: Path, tie: bool = False, seed: int = 0, arch: str = "qwen2", **config: Any
+) -> Path:
+    """Save a random Qwen2 model (or another ``arch`` of ARCHS) and its tokenizer (a 296-token
+    byte-level BPE) to ``path``.
 
     ``config`` overrides the tiny Qwen2Config (e.g. a real model's sizes; ``vocab_size`` may exceed the
     tokenizer's, whose ids are all smaller: generated ids it does not know decode to nothing)."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,9 +64,11 @@ def build_tiny_model(path: Path, tie: bool = False, seed: int = 0, **config: Any
         "eos_token_id": fast.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": fast.pad_token_id,
         "bos_token_id": None,
+        **({} if arch == "qwen2" else {"head_dim": 8}),
         **config,
     }
-    model = Qwen2ForCausalLM(Qwen2Config(**settings))
+    config_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
+    model = model_cls(config_cls(**settings))
     model.generation_config.eos_token_id = settings["eos_token_id"]
     model.generation_config.pad_token_id = settings["pad_token_id"]
     model.save_pretrained(path)

@@ -100,6 +100,55 @@ def test_population_forward_equals_member_by_member(tmp_path, tie):
     assert torch.equal(after, base)  # hooks removed, weights untouched
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_population_forward_equals_materialised_on_gemma_with_the_embedding_trained(tmp_path, arch):
+    """Gemma scales its embedding lookup by sqrt(hidden) inside the module: the members' noise rows
+    must be scaled too, or batched members see noise 8x too small (hidden 64) and differ from the
+    materialised perturbation that the update applies."""
+    model = build_tiny_model(tmp_path / "m", arch=arch, tie=True, hidden_size=64, intermediate_size=96)
+    engine = HFEngine(model, dtype="float32", device="cpu")
+    emb = engine.model.get_input_embeddings()
+    assert type(emb).__name__.endswith("ScaledWordEmbedding")
+    params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=1)
+    assert any("embed_tokens" in n for n in params.params)  # the embedding is trained
+    prompts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]
+    members = [Member(21), Member(22, -1)]
+    sigma = 0.05
+    base, mask = _logits(engine, prompts)
+    with PopulationHooks(engine.model, params) as hooks:
+        hooks.prepare(members, sigma, torch.float32)
+        batched, _ = _logits(engine, prompts * len(members))
+    real = mask.bool()
+    for i, m in enumerate(members):
+        params.perturb(m, sigma)
+        single, _ = _logits(engine, prompts)
+        params.restore()
+        assert (single - base)[real].abs().max() > 1e-3
+        torch.testing.assert_close(batched[i * 2 : i * 2 + 2][real], single[real], atol=1e-4, rtol=1e-4)
+    groups = engine.generate_population(prompts, members, params, sigma, 6)
+    for m, gens in zip(members, groups, strict=True):
+        params.perturb(m, sigma)
+        ref = engine.generate(prompts, 6)
+        params.restore()
+        assert [g.token_ids for g in gens] == [g.token_ids for g in ref]
+
+
+def test_an_embedding_forward_that_is_not_a_scaled_lookup_is_refused():
+    class Shifted(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = Shifted(10, 4)
+
+    model = M()
+    params = ParamSet({"embed.weight": model.embed.weight.data}, scheme="lowrank")
+    with pytest.raises(ConfigError, match="freeze it"):
+        PopulationHooks(model, params)
+
+
 def test_generate_population_matches_member_by_member_generate(tiny_model):
     engine = HFEngine(tiny_model, dtype="float32", device="cpu", batch_size=4)  # 2 members per call
     params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=1)

@@ -27,8 +27,11 @@ from esft.tasks import Task
 from esft.trainer import score_population, trainable
 
 
-def mode_params(engine: Engine, mode: str, freeze: list[str], rank: int = 1) -> tuple[str, ParamSet]:
-    """(row label, ParamSet) that makes one ES iteration behave as ``mode``."""
+def mode_params(
+    engine: Engine, mode: str, freeze: list[str], rank: int = 1, precision: str = "auto"
+) -> tuple[str, ParamSet]:
+    """(row label, ParamSet) that makes one ES iteration behave as ``mode`` (its update with
+    ``precision``; the reference code rounds to nearest)."""
     if mode not in BENCH_MODES:
         raise ValueError(f"unknown bench mode {mode!r}; use {', '.join(BENCH_MODES)}")
     if mode == "lowrank":
@@ -39,13 +42,13 @@ def mode_params(engine: Engine, mode: str, freeze: list[str], rank: int = 1) -> 
     if hasattr(engine, "param_set"):  # weights in another process (vLLM)
         if mode == "reference":
             raise ConfigError("the reference mode needs --engine hf (it restores by subtraction in place)")
-        return label, engine.param_set(freeze, mode, rank)
+        return label, engine.param_set(freeze, mode, rank, precision)
     live = trainable(engine.parameters(), freeze)
     if mode == "reference":
-        return label, ParamSet(live, scheme="correlated", restore="subtract")
+        return label, ParamSet(live, scheme="correlated", restore="subtract", precision="nearest")
     if mode == "lowrank":
-        return label, ParamSet(lowrank_trainable(live), scheme="lowrank", rank=rank)
-    return label, ParamSet(live, scheme=mode)
+        return label, ParamSet(lowrank_trainable(live), scheme="lowrank", rank=rank, precision=precision)
+    return label, ParamSet(live, scheme=mode, precision=precision)
 
 
 @dataclass
@@ -74,6 +77,7 @@ def run_bench(
     rank: int = 1,
     fixed_length: bool = False,
     log=print,
+    precision: str = "auto",
 ) -> list[BenchRow]:
     """The floor and one ES iteration per mode. ``fixed_length`` makes every completion exactly
     ``max_new_tokens`` long (end-of-sequence suppressed, where the engine supports it), so the floor
@@ -108,7 +112,7 @@ def run_bench(
 
     members = iteration_members(0, 1, population)
     for mode in modes:
-        label, params = mode_params(engine, mode, freeze or [], rank)
+        label, params = mode_params(engine, mode, freeze or [], rank, precision)
         if mode == "table":
             from esft.es.noise import noise_table
 

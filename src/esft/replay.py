@@ -47,7 +47,7 @@ def replay(
     if not allow_environment_change:
         now = environment.describe(engine, "hf", model_path)
         environment.check(environment.read(store.root), now, environment.REPLAY_CHECKED, "esft replay")
-    params = es_params(engine, config.freeze, config.noise, config.rank)
+    params = es_params(engine, config.freeze, config.noise, config.rank, config.update_precision)
     for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):
         apply_seedlog(params, [entry])
     return engine, config

@@ -9,6 +9,7 @@ Layout::
       eval.jsonl               periodic evaluation summaries
       events/                  TensorBoard event files
       checkpoints/iter-000010  Hugging Face format (safetensors + config + tokenizer) + esft_checkpoint.json
+                               (+ es-state/master.safetensors: float32 masters, es/precision.py)
 
 Base model + seed log determine every ES checkpoint exactly. Checkpoints are written to a hidden temp
 folder and renamed into place, so a crash never leaves a half-written checkpoint that resume would trust.
@@ -198,9 +199,10 @@ class RunStore:
             tmp.mkdir(parents=True)
             write(tmp)
             (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"iteration": iteration, **info}, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            for f in tmp.rglob("*"):  # es-state/ (float32 masters) is a subfolder
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
             raise

@@ -28,6 +28,7 @@ from esft.engines import Engine, Generation, build_engine
 from esft.errors import ConfigError
 from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_members, shape
 from esft.es.lowrank import lowrank_trainable
+from esft.es.params import MASTER_FILE, require_state
 from esft.evaluate import periodic_eval
 from esft.models import resolve_model
 from esft.resources import peak_memory, reset_peak
@@ -60,16 +61,39 @@ def trainable(params: dict[str, Any], freeze: list[str]) -> dict[str, Any]:
     return {n: t for n, t in params.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)}
 
 
-def es_params(engine: Engine, freeze: list[str], noise: str = "independent", rank: int = 1) -> ParamSet:
-    """The ParamSet ES trains: the engine's parameters minus ``freeze`` (minus norm scales for lowrank)."""
+def es_params(
+    engine: Engine,
+    freeze: list[str],
+    noise: str = "independent",
+    rank: int = 1,
+    precision: str = "auto",
+    state_dir: str | None = None,
+) -> ParamSet:
+    """The ParamSet ES trains: the engine's parameters minus ``freeze`` (minus norm scales for lowrank),
+    updated with ``precision`` (es/precision.py); its float32 masters come from the checkpoint folder
+    ``state_dir`` when it holds them (else from the weights)."""
     if hasattr(engine, "param_set"):  # the weights live in another process (vLLM): ES runs there
-        return engine.param_set(freeze, noise, rank)
+        return engine.param_set(freeze, noise, rank, precision, state_dir)
     params = trainable(engine.parameters(), freeze)
     if noise == NoiseScheme.LOWRANK:
         params = lowrank_trainable(params)
     if not params:
         raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
-    return ParamSet(params, scheme=noise, rank=rank)
+    out = ParamSet(params, scheme=noise, rank=rank, precision=precision)
+    if state_dir is not None:
+        try:
+            require_state(out, state_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return out
+
+
+def save_weights(engine: Engine, params: ParamSet, path: Any) -> None:
+    """A checkpoint's files: the engine's weights (what a user loads) and, with float32 masters, the
+    masters (what --resume continues from). A remote engine's worker writes both itself."""
+    engine.save(path)
+    if isinstance(params, ParamSet):
+        params.save_state(path)
 
 
 def engine_options(engine: str, noise: str, population: int, rank: int) -> dict[str, int]:
@@ -88,11 +112,14 @@ def prompt_batch(n_rows: int, size: int | None, run_seed: int, iteration: int) -
     return sorted(rng.choice(n_rows, size=size, replace=False).tolist())
 
 
-def apply_seedlog(params: ParamSet, entries: list[dict[str, Any]]) -> None:
-    """Re-apply logged updates in order: the same members, weights and alpha give the same bits."""
+def apply_seedlog(params: ParamSet, entries: list[dict[str, Any]]) -> list[UpdateStats]:
+    """Re-apply logged updates in order: the same members, weights and alpha give the same bits (the
+    same stochastic rounding too: its bits come from the members)."""
+    out = []
     for e in entries:
         members = [Member(int(s), int(sign)) for s, sign in e["members"]]
-        params.update(members, e["weights"], e["alpha"])
+        out.append(params.update(members, e["weights"], e["alpha"]))
+    return out
 
 
 @dataclass
@@ -210,6 +237,11 @@ def iteration_metrics(
         "es/update_ratio": stats.update_ratio,
         "es/param_norm": stats.param_norm,
         "es/changed_fraction": stats.changed_fraction,
+        # the step that reached the stored weights (the masters, with masters) against the float32 step
+        "es/intended_norm": stats.intended_norm,
+        "es/step_cosine": stats.step_cosine,
+        "es/step_lost_fraction": stats.lost_fraction,
+        "es/step_norm_ratio": stats.norm_ratio,
         "es/zero_update": int(flat_streak > 0),
         "es/flat_streak": int(flat_streak),
         "perf/seconds": seconds,
@@ -308,6 +340,7 @@ class ESTrainer:
         self.store = RunStore(output)
         self.resume = resume
         self.engine: Engine | None = None  # the engine, or the pool of Ray workers; closed by train()
+        self.params: ParamSet | None = None  # what ES trains (local, or a proxy of remote tensors)
         self.store.lock()  # before looking at the folder: a second writer stops here
         try:
             self._check_run_folder()
@@ -365,6 +398,7 @@ class ESTrainer:
     def _train(self) -> TrainResult:
         cfg, store, task = self.config, self.store, self.task
         start, engine, params = self._load_state(self.model_path)
+        self.params = params
         reset_peak()  # perf/peak_rss_mb: training's high-water mark, not the transient copies of loading
         store.write_config({"trainer": "es", **cfg.to_dict(), "model_path": self.model_path})
         store.clean_temp()
@@ -513,17 +547,33 @@ class ESTrainer:
                 f"{store.seedlog_path} is not a contiguous log of iterations 1..{done}; cannot resume"
             )
         ckpts = {i: p for i, p in store.checkpoints().items() if i <= done}
-        base_iter = max(ckpts) if ckpts else 0
         check_env = self.resume and not self.allow_environment_change
         recorded = environment.read(store.root) if check_env else None
-        engine = self._build_engine(
-            str(ckpts[base_iter]) if base_iter else model_path, environment.resume_threads(recorded)
+        if (recorded or {}).get("update_precision") == "master":
+            # a run with float32 masters continues from a checkpoint that saved them (all of its own do)
+            ckpts = {i: p for i, p in ckpts.items() if (p / MASTER_FILE).is_file()}
+        base_iter = max(ckpts) if ckpts else 0
+        source = str(ckpts[base_iter]) if base_iter else model_path
+        engine = self._build_engine(source, environment.resume_threads(recorded))
+        params = es_params(
+            engine,
+            cfg.freeze,
+            cfg.noise,
+            cfg.rank,
+            cfg.update_precision,
+            source if base_iter else None,
         )
-        env_now = environment.describe(engine, cfg.engine, model_path)
+        env_now = {
+            **environment.describe(engine, cfg.engine, model_path),
+            "update_precision": params.precision,
+        }
         if check_env:
             environment.check(recorded, env_now, environment.CHECKED, "--resume")
         environment.write(store.root, env_now)
-        params = es_params(engine, cfg.freeze, cfg.noise, cfg.rank)
+        self._log(
+            f"esft: dtype {env_now['dtype']} ({env_now.get('dtype_reason') or 'as set'}); update precision "
+            f"{params.precision} ({getattr(params, 'precision_reason', '') or 'resolved by the engine'})"
+        )
         if self.resume:
             store.truncate_logs(done)
             if done > base_iter:
@@ -539,7 +589,11 @@ class ESTrainer:
 
     def _checkpoint(self, engine: Engine, t: int) -> None:
         cfg = self.config
-        path = self.store.save_checkpoint(t, engine.save, {"base_model": cfg.model or "embedded default"})
+        path = self.store.save_checkpoint(
+            t,
+            lambda p: save_weights(engine, self.params, p),
+            {"base_model": cfg.model or "embedded default"},
+        )
         self._log(f"checkpoint: {path}")
         dropped = self.store.prune_checkpoints(cfg.keep_checkpoints, cfg.pin_checkpoints)
         if dropped:

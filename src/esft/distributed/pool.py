@@ -531,10 +531,17 @@ class WorkerPool:
 
     # -- ES ---------------------------------------------------------------------------------------
 
-    def param_set(self, freeze: list[str] | tuple[str, ...] = (), noise: str = "independent", rank: int = 1):
+    def param_set(
+        self,
+        freeze: list[str] | tuple[str, ...] = (),
+        noise: str = "independent",
+        rank: int = 1,
+        precision: str = "auto",
+        state_dir: str | None = None,
+    ):
         """A RemoteParamSet over every worker: building it builds each worker's ParamSet; its update is
         applied by every worker and checked for agreement."""
-        self._params = RemoteParamSet(self._call_all, freeze, noise, rank)
+        self._params = RemoteParamSet(self._call_all, freeze, noise, rank, precision, state_dir)
         return self._params
 
     def _call_all(self, method: str, *args: Any) -> Any:

@@ -123,7 +123,8 @@ class Worker:
         if self.task is None:
             self.task = load_task(**spec["task"])  # rewards only: rows come from the driver
         if init is not None:
-            self.esft_init_params(*init)
+            # the masters of a checkpoint source come from it (es/precision.py); a base model has none
+            self.esft_init_params(*init[:4], path)
             apply_seedlog(self.params, entries)
         return {
             **self.where(),
@@ -157,12 +158,24 @@ class Worker:
 
     # -- the ES core (vLLM's worker-extension names) ---------------------------------------------
 
-    def esft_init_params(self, freeze: list[str], scheme: str, rank: int = 1) -> dict[str, Any]:
+    def esft_init_params(
+        self,
+        freeze: list[str],
+        scheme: str,
+        rank: int = 1,
+        precision: str = "auto",
+        state_dir: str | None = None,
+    ) -> dict[str, Any]:
         from esft.trainer import es_params
 
-        self.params = es_params(self.engine, list(freeze), scheme, int(rank))
+        self.params = es_params(self.engine, list(freeze), scheme, int(rank), precision, state_dir)
         names = getattr(self.params, "names", None) or list(self.params.params)
-        return {"names": names, "numel": self.params.numel, "checksum": self._digest()}
+        return {
+            "names": names,
+            "numel": self.params.numel,
+            "precision": self.params.precision,
+            "checksum": self._digest(),
+        }
 
     def esft_perturb(self, seed: int, sign: int, sigma: float) -> None:
         from esft.es import Member
@@ -179,9 +192,7 @@ class Worker:
         stats = self.params.update([Member(int(s), int(g)) for s, g in members], weights, float(alpha))
         mid = time.perf_counter()
         return {
-            "update_norm": stats.update_norm,
-            "param_norm": stats.param_norm,
-            "changed_fraction": stats.changed_fraction,
+            **stats.to_dict(),
             "checksum": self._digest(),
             "update_s": mid - tic,
             "checksum_s": time.perf_counter() - mid,
@@ -238,7 +249,9 @@ class Worker:
         """Write the current weights (HF format) into ``path``, a folder on this worker's node."""
         if self.params is not None and self.params.perturbed is not None:
             raise RuntimeError("save() while perturbed")
-        self.engine.save(path)
+        from esft.trainer import save_weights
+
+        save_weights(self.engine, self.params, path)
 
     def save_local(self) -> tuple[str, list[tuple[str, int]]]:
         """Save into a temp folder on this node; (folder, [(relative file name, bytes)]) for the driver to

@@ -1,6 +1,7 @@
 """The reference engine: transformers ``generate``, batched over prompts with left padding.
 
-Runs on CPU or CUDA in float32, bfloat16 or float16. Greedy decoding; sampling settings from the
+Runs on CPU or CUDA in float32, bfloat16 or float16 (``auto``: the hardware's fastest native dtype,
+``esft/dtypes.py``). Greedy decoding; sampling settings from the
 model's ``generation_config`` (temperature, top-p, repetition penalty) are overridden, so what ES scores
 is the deterministic argmax completion.
 """
@@ -13,29 +14,11 @@ from pathlib import Path
 
 import torch
 
+from esft.dtypes import DTYPES, choose, resolve_dtype  # noqa: F401  (re-exported)
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member
 from esft.es.params import ParamSet
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {
-    "fp32": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "float": "float32",
-    "half": "float16",
-}
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is float32 on CPU (fast there) and bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    name = DTYPE_ALIASES.get(dtype, dtype)
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return DTYPES[name]
 
 
 def resolve_device(device: str) -> str:
@@ -70,7 +53,7 @@ class HFEngine:
         except ImportError:  # pragma: no cover
             pass
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype, self.dtype_reason = choose(dtype, self.device)
         self.batch_size = batch_size
         # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
         self.min_new_tokens = 0

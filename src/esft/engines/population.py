@@ -11,6 +11,10 @@ perturbation to the layer output, so n perturbed models run as one batched forwa
 with (A_m, B_m) the factors of ``esft.es.lowrank`` (the same ones ``ParamSet`` materialises for a
 member-by-member perturbation and sums in the update). A tied lm_head shares the embedding's factors.
 The weights are never written during generation, so there is nothing to restore.
+
+An embedding module whose forward scales its lookup (Gemma's ``*ScaledWordEmbedding`` multiplies by
+sqrt(hidden)) applies the same scale to a perturbed weight's rows, so the hook scales the member's noise
+rows by it too; a forward that is not a constant multiple of the lookup cannot be batched and is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ class PopulationHooks:
                 f"--noise lowrank batches linear and embedding layers only; {missing[0]} "
                 f"(and {len(missing) - 1} more) belong to other layers: freeze them or use another --noise"
             )
+        # embedding forwards that scale the lookup (Gemma): the scale applies to the noise rows too
+        self.scales = {
+            id(module): embedding_scale(module, w)
+            for module, kind, w, _ in self.targets
+            if kind == "embedding"
+        }
         self.n = 0
         self.noise: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
@@ -71,7 +81,11 @@ class PopulationHooks:
 
     def __enter__(self) -> PopulationHooks:
         for i, (module, kind, w, b) in enumerate(self.targets):
-            hook = self._linear_hook(w, b) if kind == "linear" else self._embedding_hook(w)
+            hook = (
+                self._linear_hook(w, b)
+                if kind == "linear"
+                else self._embedding_hook(w, self.scales[id(module)])
+            )
             self._handles.append(module.register_forward_hook(self._recording(i, hook)))
         return self
 
@@ -118,11 +132,37 @@ class PopulationHooks:
 
         return hook
 
-    def _embedding_hook(self, w: str):
+    def _embedding_hook(self, w: str, scale: float | None):
         def hook(module, args, out):
             a, bf = self.noise[w]
             ids = args[0].reshape(self.n, -1, 1).expand(-1, -1, a.shape[-1])
             rows = torch.gather(a, 1, ids)  # (n, tokens, r): A_m[ids_m]
+            if scale is not None:  # the module scales E[ids]; (E + sigma A B^T)[ids] gets the same scale
+                rows = rows * torch.tensor(scale, dtype=module.weight.dtype).to(rows.dtype)
             return (self._rows(out) + torch.bmm(rows, bf.transpose(1, 2))).view(out.shape)
 
         return hook
+
+
+@torch.no_grad()
+def embedding_scale(module: nn.Embedding, name: str) -> float | None:
+    """The constant by which ``module``'s forward multiplies its lookup (None: a plain lookup). A
+    subclass with its own forward (Gemma's scaled embeddings) is probed; one whose output is not a
+    constant multiple of the lookup is refused, since its noise rows could not be batched exactly."""
+    if type(module).forward is nn.Embedding.forward:
+        return None
+    scale = getattr(module, "embed_scale", None)
+    ids = torch.arange(min(module.num_embeddings, 16), device=module.weight.device).unsqueeze(0)
+    lookup = torch.nn.functional.embedding(ids, module.weight).float()
+    out = nn.Embedding.__call__(module, ids).float()  # the module's forward, no hooks registered yet
+    if scale is None:
+        scale = float((out * lookup).sum() / (lookup * lookup).sum().clamp_min(1e-30))
+    scale = float(scale)
+    expected = lookup * torch.tensor(scale, dtype=module.weight.dtype).float()
+    if not torch.allclose(out, expected, rtol=1e-2, atol=1e-6):
+        raise ConfigError(
+            f"--noise lowrank: the embedding {name} ({type(module).__name__}) transforms its lookup in a "
+            "way population batching cannot reproduce; freeze it (--freeze '*embed_tokens*') or use "
+            "another --noise"
+        )
+    return None if scale == 1.0 else scale

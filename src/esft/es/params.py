@@ -10,32 +10,62 @@ regenerates the noise and subtracts it, which is not exact). It exists so ``esft
 reference behaviour on the same work; training always uses the exact copy.
 
 The update ``theta += alpha/N * sum_n z_n sign_n eps_n`` is accumulated per tensor in float32 over the
-members and cast to the tensor's dtype once, so a small step is not lost to 30 separate bf16 roundings.
+members and written once, so a small step is not lost to 30 separate bf16 roundings. How that one write
+keeps steps below half an ulp in bf16/fp16 (float32 masters or stochastic rounding) is ``precision.py``;
+every update measures what reached the stored weights against the intended float32 step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from esft.es import precision as prec
 from esft.es.lowrank import factors, vector_noise
-from esft.es.noise import Member, NoiseScheme, noise_slices
+from esft.es.noise import Member, NoiseScheme, noise_slices, stream_seed
+
+# The update is applied in chunks of about this many values, so its float32 temporaries stay in cache.
+CHUNK = 1 << 18
+MASTER_FILE = "es-state/master.safetensors"  # inside a checkpoint folder (vLLM loads *.safetensors)
 
 
 @dataclass
 class UpdateStats:
     """Norms of one update, over all trainable tensors."""
 
-    update_norm: float  # ||theta_new - theta_old||, measured after the cast to the parameter dtype
+    update_norm: float  # ||theta_new - theta_old|| of the stored weights (the master with masters)
     param_norm: float  # ||theta_old||
     changed_fraction: float  # share of coordinates whose stored value changed
+    intended_norm: float = 0.0  # ||alpha/N sum z eps||, the float32 step before it is stored
+    step_cosine: float = 1.0  # cos(applied step, intended step); 1 when nothing was lost
+    lost_fraction: float = 0.0  # of the coordinates the intended step changes, the share left unmoved
 
     @property
     def update_ratio(self) -> float:
         return self.update_norm / self.param_norm if self.param_norm > 0 else 0.0
+
+    @property
+    def norm_ratio(self) -> float:
+        """||applied|| / ||intended||: 1 when the step arrives whole, below 1 when rounding ate part."""
+        return self.update_norm / self.intended_norm if self.intended_norm > 0 else 1.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "update_norm": self.update_norm,
+            "param_norm": self.param_norm,
+            "changed_fraction": self.changed_fraction,
+            "intended_norm": self.intended_norm,
+            "step_cosine": self.step_cosine,
+            "lost_fraction": self.lost_fraction,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, float]) -> UpdateStats:
+        return cls(**{k: float(d[k]) for k in cls.__dataclass_fields__ if k in d})
 
 
 class ParamSet:
@@ -51,6 +81,7 @@ class ParamSet:
         scheme: NoiseScheme | str = NoiseScheme.INDEPENDENT,
         rank: int = 1,
         restore: str = "copy",
+        precision: str = "auto",
     ) -> None:
         if not params:
             raise ValueError("no trainable parameters: every parameter is frozen")
@@ -71,11 +102,24 @@ class ParamSet:
         if restore not in ("copy", "subtract"):
             raise ValueError(f"restore must be copy or subtract, got {restore!r}")
         self.restore_mode = restore
+        # How the update reaches bf16/fp16 weights (precision.py): master, stochastic, nearest, or
+        # float32 (every tensor is float32: nothing to remedy).
+        self.precision, self.precision_reason = prec.resolve(
+            precision, (t.dtype for t in self.params.values()), self.scheme == NoiseScheme.LOWRANK
+        )
+        if restore == "subtract" and self.precision == "master":
+            raise ValueError("restore='subtract' works on the live weights; it cannot keep masters")
         # The pristine copy is made on the first perturb(): until then (and for good with low-rank
         # population batching, which never perturbs the live weights) the live tensors are their own
         # base, and ES keeps one copy of the model instead of two. With restore="subtract" they always
         # are; restore subtracts the regenerated noise.
         self.pristine = self.params
+        if self.precision == "master":
+            # float32 masters: the exact state; perturb reads them, restore and update cast them into
+            # the live tensors (a float32 tensor is its own master)
+            self.pristine = {
+                n: t.detach().float() if t.dtype != torch.float32 else t for n, t in self.params.items()
+            }
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.perturbed: Member | None = None
         self._sigma = 0.0
@@ -161,40 +205,129 @@ class ParamSet:
         for m, w in zip(members, weights, strict=True):
             per_seed[m.seed] = per_seed.get(m.seed, 0.0) + float(w) * m.sign
         active = [(Member(seed), w) for seed, w in per_seed.items() if w != 0.0]
-        sq_update = sq_param = 0.0
-        changed = total = 0
+        sq_param = 0.0
+        total = 0
+        step = prec.StepStats()
+        rounding = prec.rounding_seed((m.seed, m.sign) for m in members)
         for name, live in self.params.items():
             old = self.pristine[name]
             sq_param += float(torch.linalg.vector_norm(old, dtype=torch.float32)) ** 2
             total += old.numel()
             if not active:
                 continue
-            if self.scheme == NoiseScheme.LOWRANK and old.ndim == 2:
-                # sum_n w_n A_n B_n^T as one product of the concatenated factors
-                pairs = [
-                    (factors(old.shape, m.seed, name, self.rank, old.device), w * m.sign) for m, w in active
-                ]
-                a = torch.cat([ab[0] * c for ab, c in pairs], dim=1)
-                b = torch.cat([ab[1] for ab, _ in pairs], dim=1)
-                acc = a @ b.T
-            else:
-                acc = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
-                flat_acc = acc.view(-1)
-                for member, w in active:
-                    for start, eps in self._eps(name, member):
-                        flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
-            # live = cast(old + alpha/N * acc): the step is taken once, in float32, without temporaries
-            acc.mul_(alpha / n)
-            before = old.clone() if live is old else old  # restore="subtract" has no separate pristine
-            torch.add(old, acc, out=live)
-            acc.copy_(live).sub_(before)  # the applied step, after the cast, exactly (float32)
-            sq_update += float(torch.linalg.vector_norm(acc)) ** 2
-            changed += int(torch.count_nonzero(acc))
-            if live is not old:
-                old.copy_(live)
+            generator = None
+            if self.precision == "stochastic":
+                generator = torch.Generator(device=live.device)
+                generator.manual_seed(stream_seed(rounding, name))
+            for rows, intended in self._steps(name, old, active, alpha / n):
+                self._apply(live, old, rows, intended, generator, step)
             if on_tensor is not None:
                 on_tensor()
-        return UpdateStats(math.sqrt(sq_update), math.sqrt(sq_param), changed / max(total, 1))
+        cosine = step.dot / math.sqrt(step.sq_applied * step.sq_intended) if step.sq_applied > 0 else 0.0
+        cosine = max(-1.0, min(1.0, cosine))  # float sums can overshoot 1 by an ulp
+        return UpdateStats(
+            update_norm=math.sqrt(step.sq_applied),
+            param_norm=math.sqrt(sq_param),
+            changed_fraction=step.changed / max(total, 1),
+            intended_norm=math.sqrt(step.sq_intended),
+            step_cosine=cosine if step.sq_intended > 0 else 1.0,
+            lost_fraction=step.lost / step.intended_nonzero if step.intended_nonzero else 0.0,
+        )
+
+    def _steps(
+        self, name: str, old: torch.Tensor, active: list[tuple[Member, float]], scale: float
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(slice of the flattened tensor, float32 intended step there) in chunks of about CHUNK values."""
+        if self.scheme == NoiseScheme.LOWRANK and old.ndim == 2:
+            # sum_n w_n A_n B_n^T as one product of the concatenated factors, a block of rows at a time
+            pairs = [(factors(old.shape, m.seed, name, self.rank, old.device), w * m.sign) for m, w in active]
+            a = torch.cat([ab[0] * (c * scale) for ab, c in pairs], dim=1)
+            b_t = torch.cat([ab[1] for ab, _ in pairs], dim=1).T.contiguous()
+            cols = old.shape[1]
+            rows = max(1, CHUNK // cols)
+            for r in range(0, old.shape[0], rows):
+                block = a[r : r + rows] @ b_t
+                yield slice(r * cols, r * cols + block.numel()), block.view(-1)
+            return
+        acc = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
+        flat_acc = acc.view(-1)
+        for member, w in active:
+            for start, eps in self._eps(name, member):
+                flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
+        flat_acc.mul_(scale)
+        for start in range(0, flat_acc.numel(), CHUNK):
+            yield slice(start, start + CHUNK), flat_acc[start : start + CHUNK]
+
+    def _apply(
+        self,
+        live: torch.Tensor,
+        old: torch.Tensor,
+        rows: slice,
+        intended: torch.Tensor,
+        generator: torch.Generator | None,
+        step: prec.StepStats,
+    ) -> None:
+        """Write old + intended into the stored weights of one chunk (by the precision mode) and record
+        the applied step against the intended one."""
+        o, lv = old.view(-1)[rows], live.view(-1)[rows]
+        before = o.float() if o.dtype != torch.float32 else o.clone()
+        new = before + intended  # float32
+        if self.precision == "stochastic":
+            stored = prec.stochastic_round(new, lv.dtype, generator)
+        else:  # master (o is the float32 master), nearest, float32
+            stored = new if o.dtype == torch.float32 else new.to(o.dtype)
+        o.copy_(stored)
+        if lv.data_ptr() != o.data_ptr():
+            lv.copy_(stored)  # the compute copy: the master or the rounded value, cast to the live dtype
+        applied = stored.float() if stored.dtype != torch.float32 else stored
+        step.add(applied.sub_(before) if applied is not stored else stored - before, intended)
+
+    # -- masters in checkpoints ------------------------------------------------------------------
+
+    def save_state(self, folder: str | Path) -> list[str]:
+        """Write what the live weights do not hold (float32 masters) into ``folder``'s ``es-state/``;
+        returns the files written (none unless precision is master)."""
+        if self.precision != "master":
+            return []
+        from safetensors.torch import save_file
+
+        path = Path(folder) / MASTER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.detach().contiguous().cpu() for n, t in self.pristine.items()}, str(path))
+        return [str(path)]
+
+    @torch.no_grad()
+    def load_state(self, folder: str | Path) -> bool:
+        """Take the float32 masters saved in checkpoint ``folder`` (False if it has none). Refuses
+        masters that do not round to the live weights: they belong to another checkpoint."""
+        path = Path(folder) / MASTER_FILE
+        if self.precision != "master" or not path.is_file():
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(self.params):
+                raise ValueError(f"{path} holds other tensors than the trained ones; it is not this run's")
+            for name, live in self.params.items():
+                master = f.get_tensor(name).to(live.device)
+                if master.shape != live.shape or not torch.equal(master.to(live.dtype), live):
+                    raise ValueError(f"{path}: master {name} does not round to the checkpoint's weights")
+                self.pristine[name].copy_(master)
+        return True
 
     def state_norm(self) -> float:
         return math.sqrt(sum(float(t.float().pow(2).sum()) for t in self.pristine.values()))
+
+
+def require_state(params: ParamSet, folder: str | Path) -> None:
+    """Load the float32 masters of ``folder`` into ``params``; a run checkpoint (``esft_checkpoint.json``)
+    that should hold them and does not is refused, since its weights alone lose the masters' low bits. A
+    base model folder has none: the masters start from its weights."""
+    if params.load_state(folder) or params.precision != "master":
+        return
+    if (Path(folder) / "esft_checkpoint.json").is_file():
+        raise ValueError(
+            f"checkpoint {folder} has no float32 masters ({MASTER_FILE}); it was not written with "
+            "--update-precision master, so it cannot continue such a run exactly"
+        )

@@ -5,10 +5,10 @@ replica), the trainer cannot hand out tensors. The ES core then runs *where the 
 object that exposes ParamSet's operations as named methods (the ``esft_*`` worker API), and the driver
 holds this proxy, with ParamSet's interface, whose every call is ``call(method, *args)``:
 
-    esft_init_params(freeze, scheme, rank) -> {"names": [...], "numel": int}
+    esft_init_params(freeze, scheme, rank, precision, state_dir) -> {"names", "numel", "precision"}
     esft_perturb(seed, sign, sigma)
     esft_restore()
-    esft_update([[seed, sign], ...], weights, alpha) -> {"update_norm", "param_norm", "changed_fraction"}
+    esft_update([[seed, sign], ...], weights, alpha) -> UpdateStats.to_dict() (+ timings)
     esft_state_norm() -> float
 
 Only names, seeds, signs and scalars cross the boundary, never tensors. ``call`` is the transport: one
@@ -32,13 +32,29 @@ class RemoteParamSet:
     """ParamSet's interface (``perturb``, ``restore``, ``update``, ``numel``, ``state_norm``, ``scheme``,
     ``rank``, ``perturbed``, ``names``) over ``call``; building one builds the worker-side ParamSet."""
 
-    def __init__(self, call: Call, freeze: Sequence[str], scheme: str, rank: int = 1) -> None:
+    def __init__(
+        self,
+        call: Call,
+        freeze: Sequence[str],
+        scheme: str,
+        rank: int = 1,
+        precision: str = "auto",
+        state_dir: str | None = None,
+    ) -> None:
         self._call = call
         self.scheme = NoiseScheme(scheme)
         self.rank = int(rank)
-        info = call("esft_init_params", list(freeze), str(self.scheme), self.rank)
+        info = call(
+            "esft_init_params",
+            list(freeze),
+            str(self.scheme),
+            self.rank,
+            str(precision),
+            None if state_dir is None else str(state_dir),
+        )
         self.names: list[str] = list(info["names"])
         self._numel = int(info["numel"])
+        self.precision: str = info.get("precision", "nearest")  # resolved where the tensors are
         self.perturbed: Member | None = None
 
     @property
@@ -74,7 +90,7 @@ class RemoteParamSet:
         )
         if on_tensor is not None:
             on_tensor()
-        return UpdateStats(stats["update_norm"], stats["param_norm"], stats["changed_fraction"])
+        return UpdateStats.from_dict(stats)
 
     def state_norm(self) -> float:
         return float(self._call("esft_state_norm"))

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from esft.dtypes import choose
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
-from esft.engines.hf import resolve_dtype
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member
 from esft.es.params import UpdateStats
@@ -71,7 +71,7 @@ class VLLMEngine:
         if device.split(":")[0] != platform:
             raise ConfigError(f"this vLLM build runs on {platform}; --device {device} is not available")
         self.device = device
-        self.dtype = resolve_dtype(dtype, device)
+        self.dtype, self.dtype_reason = choose(dtype, device)
         self.batch_size = batch_size
         # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
         self.min_new_tokens = 0
@@ -135,9 +135,15 @@ class VLLMEngine:
     # -- ES interface -------------------------------------------------------------------------------
 
     def param_set(
-        self, freeze: Sequence[str] = (), noise: str = "independent", rank: int = 1
+        self,
+        freeze: Sequence[str] = (),
+        noise: str = "independent",
+        rank: int = 1,
+        precision: str = "auto",
+        state_dir: str | None = None,
     ) -> RemoteParamSet:
-        """The trainable weights (HF names minus ``freeze``) as a worker-side ParamSet, driven by RPC.
+        """The trainable weights (HF names minus ``freeze``) as a worker-side ParamSet, driven by RPC;
+        ``precision`` and the checkpoint ``state_dir`` holding its float32 masters as ``es_params``.
 
         Only one is live at a time: a new call rebuilds the worker's ParamSet from the current weights.
         """
@@ -154,7 +160,7 @@ class VLLMEngine:
                     f"embedding and lm_head), which cannot perturb {other[0]} (and {len(other) - 1} more): "
                     "freeze them with --freeze PATTERN, or use --engine hf"
                 )
-        self._params = RemoteParamSet(self._rpc, freeze, noise, rank)
+        self._params = RemoteParamSet(self._rpc, freeze, noise, rank, precision, state_dir)
         return self._params
 
     @property

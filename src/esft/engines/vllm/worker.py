@@ -282,8 +282,16 @@ class ESWorkerExtension:
 
     # -- the ES core, over HF-named views --------------------------------------------------------
 
-    def esft_init_params(self, freeze: list[str], scheme: str, rank: int = 1) -> dict[str, Any]:
-        """Build the worker's ParamSet over the HF-named views minus ``freeze`` (fnmatch patterns)."""
+    def esft_init_params(
+        self,
+        freeze: list[str],
+        scheme: str,
+        rank: int = 1,
+        precision: str = "auto",
+        state_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Build the worker's ParamSet over the HF-named views minus ``freeze`` (fnmatch patterns), with
+        ``precision`` (``es/precision.py``) and the float32 masters of checkpoint ``state_dir``, if any."""
         from esft.es.params import ParamSet
 
         if self._esft_params is not None and self._esft_params.perturbed:
@@ -302,13 +310,22 @@ class ESWorkerExtension:
         kwargs: dict[str, Any] = {"scheme": scheme}
         if int(rank) != 1:
             kwargs["rank"] = int(rank)
-        self._esft_params = ParamSet(params, **kwargs)
+        self._esft_params = ParamSet(params, precision=precision, **kwargs)
+        if state_dir is not None:
+            from esft.es.params import require_state
+
+            require_state(self._esft_params, state_dir)
         # the packed GEMMs that read any trainable tensor: repacked after every weight change
         ptrs = {t.untyped_storage().data_ptr() for t in params.values()}
         self._esft_repack = [
             n for n, w in self._esft_gemm_weight.items() if w.untyped_storage().data_ptr() in ptrs
         ]
-        return {"names": list(params), "numel": self._esft_params.numel, "repacked": self._esft_repack}
+        return {
+            "names": list(params),
+            "numel": self._esft_params.numel,
+            "precision": self._esft_params.precision,
+            "repacked": self._esft_repack,
+        }
 
     def _esft_repack_layers(self, pristine: bool) -> None:
         """Point each affected GEMM at weights it reads: the pristine handler, or a fresh packing."""
@@ -343,9 +360,7 @@ class ESWorkerExtension:
         for name in self._esft_repack:
             self._esft_pristine_handlers[name] = self._esft_gemm[name].handler
         return {
-            "update_norm": stats.update_norm,
-            "param_norm": stats.param_norm,
-            "changed_fraction": stats.changed_fraction,
+            **stats.to_dict(),
             "update_s": mid - tic,  # profile: the ParamSet update, then repacking the changed GEMMs
             "repack_s": time.perf_counter() - mid,
         }
@@ -394,6 +409,8 @@ class ESWorkerExtension:
             out = {k: v.to(target) if v.is_floating_point() else v for k, v in out.items()}
         Path(path).mkdir(parents=True, exist_ok=True)
         save_file(out, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})
+        if ps is not None:
+            ps.save_state(path)  # float32 masters, for --resume (es-state/, which vLLM does not load)
         return sorted(out)
 
 

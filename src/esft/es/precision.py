@@ -1,0 +1,105 @@
+"""How an ES step reaches weights stored in bfloat16 or float16 without being lost to rounding.
+
+The update ``theta += alpha/N * sum_n z_n eps_n`` is summed in float32 and then written into the
+weights. Rounded to the nearest bfloat16 (8 significant bits), every coordinate whose step is below half
+a unit in the last place (ulp) of its weight keeps its old value: at the paper's alpha 5e-4 and N=30
+that is about a quarter of the coordinates of a 0.5B model, and more for smaller steps or larger
+weights. The loss is biased (small steps vanish, large ones survive), so it changes what ES learns, not
+only how fast. Two standard remedies (``--update-precision``):
+
+- ``master``: float32 master copies of the trained tensors receive the update exactly; the compute
+  copy is the master rounded to nearest. Cost: 4 bytes per trained parameter. With full-rank noise ES
+  already keeps a pristine copy of the trained tensors for exact restore (2 bytes per parameter in
+  bf16), which the master replaces, so the net cost is 2 bytes per parameter; with low-rank population
+  batching there is no such copy, and the master adds 4 bytes to the model's 2. Checkpoints hold the
+  compute copy (what a user loads) plus the master in ``es-state/master.safetensors`` for ``--resume``.
+- ``stochastic``: the updated value is rounded up or down at random with the probabilities that make
+  its expectation the exact float32 value (unbiased: a step of a tenth of an ulp moves one coordinate
+  in ten by a whole ulp). No extra memory; it adds rounding noise of at most half an ulp per step. The
+  random bits come from the iteration's member seeds and the parameter's name, so resume, replay and
+  Ray workers round identically.
+- ``nearest``: plain round-to-nearest, the behaviour of most ES code; kept to measure what it loses.
+
+``auto`` (the default) picks ``master`` with full-rank noise (it replaces a copy ES keeps anyway) and
+``stochastic`` with low-rank noise (which otherwise holds one copy of the model, the point of batching
+members). In float32 every mode is the plain update: float32 rounding loses nothing that matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+
+PRECISIONS = ("auto", "master", "stochastic", "nearest")
+
+
+def resolve(setting: str, dtypes: Iterable[torch.dtype], lowrank: bool) -> tuple[str, str]:
+    """(mode, reason) for the setting ``setting`` over tensors of ``dtypes``: ``float32`` when every tensor
+    is float32 (nothing is lost), else master, stochastic or nearest."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"unknown update precision {setting!r}; use {', '.join(PRECISIONS)}")
+    dtypes = set(dtypes)
+    if all(d in (torch.float32, torch.float64) for d in dtypes):
+        return "float32", "the weights are float32: the step is kept without a remedy"
+    if setting != "auto":
+        return setting, f"--update-precision {setting}"
+    if lowrank:
+        return "stochastic", "auto: low-rank noise keeps no copy of the weights, so no master is added"
+    return "master", "auto: full-rank noise keeps a copy of the weights anyway; the master replaces it"
+
+
+def rounding_seed(members: Iterable[tuple[int, int]]) -> int:
+    """The seed of an update's stochastic rounding: a hash of the iteration's (seed, sign) members, so
+    the same logged update rounds the same way wherever and whenever it is applied."""
+    text = ",".join(f"{int(s)}:{int(g)}" for s, g in members)
+    digest = hashlib.blake2b(f"round/{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (float32) rounded into ``dtype`` up or down at random, unbiased: E[result] = x exactly for
+    every finite x inside the range of ``dtype``."""
+    if x.dtype != torch.float32:
+        raise TypeError("stochastic_round takes float32 values")
+    if dtype == torch.float32:
+        return x.clone()
+    if dtype == torch.bfloat16:
+        # bfloat16 is float32 with the low 16 bits dropped: add 16 random bits, then truncate. A value
+        # whose dropped bits are f (of 2**16) rounds away from zero with probability f / 2**16.
+        bits = x.view(torch.int32)
+        noise = torch.empty_like(bits).random_(0, 1 << 16, generator=generator)
+        return noise.add_(bits).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    # any other dtype (float16): the nearest value and its neighbour on the other side of x
+    near = x.to(dtype)
+    near_f = near.float()
+    toward = torch.where(near_f > x, float("-inf"), float("inf")).to(dtype)
+    other = torch.nextafter(near, toward)
+    other_f = other.float()
+    p = ((x - near_f) / (other_f - near_f)).nan_to_num_(0.0, 0.0, 0.0)
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return torch.where(u < p, other, near)
+
+
+class StepStats:
+    """Running sums comparing the applied step with the intended one, over any number of chunks."""
+
+    def __init__(self) -> None:
+        self.dot = 0.0  # <applied, intended>
+        self.sq_applied = 0.0
+        self.sq_intended = 0.0
+        self.changed = 0  # coordinates whose stored value changed
+        self.intended_nonzero = 0  # coordinates the intended step changes
+        self.lost = 0  # ... of which the stored value did not move
+
+    def add(self, applied: torch.Tensor, intended: torch.Tensor) -> None:
+        """Both float32, same shape."""
+        self.dot += float(torch.dot(applied.view(-1), intended.view(-1)))
+        self.sq_applied += float(torch.dot(applied.view(-1), applied.view(-1)))
+        self.sq_intended += float(torch.dot(intended.view(-1), intended.view(-1)))
+        moved = applied != 0
+        wanted = intended != 0
+        self.changed += int(moved.sum())
+        self.intended_nonzero += int(wanted.sum())
+        self.lost += int((wanted & ~moved).sum())

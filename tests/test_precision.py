@@ -1,0 +1,219 @@
+"""Mixed precision: the ES step reaches bf16/fp16 weights (float32 masters, stochastic rounding), the
+loss is measured right, and ``--dtype auto`` follows the hardware (es/precision.py, esft/dtypes.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import make_params
+
+from esft.dtypes import choose
+from esft.es import ParamSet, iteration_members
+from esft.es.precision import StepStats, resolve, rounding_seed, stochastic_round
+
+ULP_AT_ONE = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_where_nearest_rounds_to_zero(dtype):
+    step = 0.03 * ULP_AT_ONE[dtype]  # far below half an ulp
+    x = torch.full((400_000,), 1.0 + step)
+    assert torch.equal(x.to(dtype).float(), torch.ones_like(x))  # round to nearest: the step is gone
+    g = torch.Generator().manual_seed(1)
+    for sign in (1, -1):
+        r = stochastic_round(sign * x, dtype, g).float()
+        assert set(r.unique().tolist()) == {sign * 1.0, sign * (1.0 + ULP_AT_ONE[dtype])}
+        # the moved share is Binomial(n, 0.03): 3 standard deviations of its mean
+        moved = float((r != sign).float().mean())
+        assert abs(moved - 0.03) < 3 * math.sqrt(0.03 * 0.97 / x.numel())
+        assert abs(float(r.mean()) - sign * (1.0 + step)) < 3 * ULP_AT_ONE[dtype] * math.sqrt(
+            0.03 / x.numel()
+        )
+
+
+def test_stochastic_rounding_keeps_representable_values_and_is_seeded():
+    x = torch.randn(10_000).bfloat16().float()  # already bf16 values
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(stochastic_round(x, torch.bfloat16, g).float(), x)
+    y = torch.randn(10_000)
+    a = stochastic_round(y, torch.bfloat16, torch.Generator().manual_seed(5))
+    b = stochastic_round(y, torch.bfloat16, torch.Generator().manual_seed(5))
+    c = stochastic_round(y, torch.bfloat16, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert rounding_seed([(1, 1), (2, -1)]) == rounding_seed([(1, 1), (2, -1)])
+    assert rounding_seed([(1, 1), (2, -1)]) != rounding_seed([(1, 1), (2, 1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_stochastic_update_moves_the_weights_by_the_step_on_average(dtype):
+    """Weights at 1.0 and a step of about 3% of an ulp: round to nearest keeps none of it, stochastic
+    rounding keeps all of it in expectation (the mean applied step is the mean intended step)."""
+    members = iteration_members(0, 1, 8)
+    weights = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.25, -0.25]
+    alpha = 0.03 * ULP_AT_ONE[dtype] * 8 / math.sqrt(sum(w * w for w in weights))
+    intended = ParamSet({"w": torch.ones(200_000)}, precision="auto")  # float32: the exact step
+    intended.update(members, weights, alpha)
+    step = intended.params["w"] - 1.0
+    nearest = ParamSet({"w": torch.ones(200_000, dtype=dtype)}, precision="nearest")
+    stats = nearest.update(members, weights, alpha)
+    assert torch.equal(nearest.params["w"].float(), torch.ones(200_000))
+    assert stats.lost_fraction == 1.0 and stats.update_norm == 0.0 and stats.changed_fraction == 0.0
+    sr = ParamSet({"w": torch.ones(200_000, dtype=dtype)}, precision="stochastic")
+    stats = sr.update(members, weights, alpha)
+    applied = sr.params["w"].float() - 1.0
+    # each coordinate: E[applied] = step, Var <= ulp * |step|; the mean of 200k is within 4 sigma
+    sd = math.sqrt(float((step.abs() * ULP_AT_ONE[dtype]).sum())) / step.numel()
+    assert abs(float(applied.mean() - step.mean())) < 4 * sd
+    assert float((applied * step).sum()) > 0  # moves go the step's way
+    assert 0.0 < stats.changed_fraction < 0.2
+
+
+@pytest.mark.parametrize("noise", ["independent", "table", "lowrank"])
+def test_master_weights_follow_the_float32_run_exactly(noise):
+    base = make_params(torch.bfloat16)
+    exact = ParamSet({k: v.float() for k, v in base.items()}, scheme=noise, rank=2)
+    master = ParamSet({k: v.clone() for k, v in base.items()}, scheme=noise, rank=2, precision="master")
+    assert exact.precision == "float32" and master.precision == "master"
+    for t in range(1, 6):
+        members = iteration_members(7, t, 6)
+        weights = [0.3, -1.2, 0.9, 0.1, -0.4, 0.3]
+        for ps in (exact, master):
+            if noise != "lowrank":
+                ps.perturb(members[0], 0.01)  # perturb + restore in between must not disturb the masters
+                ps.restore()
+            s = ps.update(members, weights, 1e-4)
+        assert s.lost_fraction < 1e-3 and s.step_cosine > 0.9999
+    for name in base:
+        assert torch.equal(master.pristine[name], exact.params[name]), name
+        assert torch.equal(master.params[name], exact.params[name].to(torch.bfloat16)), name
+
+
+def test_step_stats_on_a_constructed_case():
+    s = StepStats()
+    s.add(torch.tensor([1.0, 0.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, 0.0, 2.0]))
+    assert s.lost == 1 and s.intended_nonzero == 3 and s.changed == 2
+    assert s.dot == 5.0 and s.sq_applied == 5.0 and s.sq_intended == 6.0
+
+
+def test_the_loss_is_measured_on_a_constructed_bf16_case():
+    """Half the coordinates sit at 0 (bf16 keeps any small step there), half at 256 (ulp 2: every step
+    of about 1e-3 is lost to round to nearest): about half the step is lost, cosine about 1/sqrt(2)."""
+    w = torch.cat([torch.zeros(50_000), torch.full((50_000,), 256.0)]).bfloat16()
+    ps = ParamSet({"w": w}, precision="nearest")
+    stats = ps.update(iteration_members(0, 1, 4), [1.0, -1.0, 0.5, -0.5], 1e-3)
+    assert abs(stats.lost_fraction - 0.5) < 1e-3
+    assert abs(stats.step_cosine - 1 / math.sqrt(2)) < 0.01
+    assert abs(stats.norm_ratio - 1 / math.sqrt(2)) < 0.01
+    assert torch.equal(ps.params["w"][50_000:].float(), torch.full((50_000,), 256.0))
+
+
+def test_auto_precision_rule_and_master_state_round_trip(tmp_path):
+    assert resolve("auto", [torch.float32], lowrank=False)[0] == "float32"
+    assert resolve("master", [torch.float32], lowrank=False)[0] == "float32"
+    assert resolve("auto", [torch.bfloat16], lowrank=False)[0] == "master"
+    assert resolve("auto", [torch.bfloat16], lowrank=True)[0] == "stochastic"
+    assert resolve("nearest", [torch.float16], lowrank=True)[0] == "nearest"
+    ps = ParamSet(make_params(torch.bfloat16), precision="master")
+    ps.update(iteration_members(0, 1, 4), [1.0, -1.0, 0.5, -0.5], 1e-3)
+    assert ps.save_state(tmp_path)
+    other = ParamSet({k: v.clone() for k, v in ps.params.items()}, precision="master")
+    assert other.load_state(tmp_path)
+    assert all(torch.equal(other.pristine[k], ps.pristine[k]) for k in ps.params)
+    stale = ParamSet(make_params(torch.bfloat16), precision="master")  # weights of another iteration
+    with pytest.raises(ValueError, match="does not round"):
+        stale.load_state(tmp_path)
+
+
+def test_dtype_auto_follows_cpu_flags_and_cuda_capability(monkeypatch):
+    for flags, want in [
+        ("fpu avx2 avx512f", torch.float32),
+        ("avx512f avx512_bf16", torch.bfloat16),
+        ("amx_tile amx_bf16", torch.bfloat16),
+        ("", torch.float32),
+    ]:
+        monkeypatch.setenv("ESFT_CPU_FLAGS", flags)
+        dtype, reason = choose("auto", "cpu")
+        assert dtype == want and reason.startswith("auto:"), (flags, reason)
+    monkeypatch.setenv("ESFT_CPU_FLAGS", "avx512_bf16")
+    assert choose("float32", "cpu") == (torch.float32, "--dtype float32")
+    for capability, want in [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float32)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        dtype, reason = choose("auto", "cuda")
+        assert dtype == want and f"{capability[0]}.{capability[1]}" in reason
+
+
+# -- whole runs -------------------------------------------------------------------------------------
+
+
+def _train(model, out, iterations, *extra):
+    from test_e2e import train
+
+    return train(model, out, iterations, "--dtype", "bfloat16", "--checkpoint-every", "1", *extra)
+
+
+@pytest.mark.parametrize(
+    ("noise", "precision"),
+    [("independent", "master"), ("lowrank", "stochastic"), ("lowrank", "master"), ("table", "nearest")],
+)
+def test_bf16_run_resumes_and_replays_bit_identically(tiny_model, tmp_path, capsys, noise, precision):
+    from safetensors.torch import load_file
+
+    from esft.cli import main
+
+    extra = ("--noise", noise, "--update-precision", precision, "--rank", "2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tiny_model, straight, 3, *extra) == 0
+    assert _train(tiny_model, resumed, 1, *extra) == 0
+    if precision == "master":  # the masters of checkpoint 1 are what the resumed run continues from
+        assert (resumed / "checkpoints" / "iter-000001" / "es-state" / "master.safetensors").is_file()
+    assert _train(tiny_model, resumed, 3, *extra, "--resume") == 0
+    a = load_file(str(straight / "checkpoints" / "iter-000003" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "iter-000003" / "model.safetensors"))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in a.values())
+    assert any(not torch.equal(base[k].bfloat16(), a[k]) for k in a), "training changed nothing"
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    env = json.loads((straight / "environment.json").read_text())
+    assert env["dtype"] == "bfloat16" and env["update_precision"] == precision
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert 0.0 <= m["es/step_lost_fraction"] <= 1.0 and -1.0 <= m["es/step_cosine"] <= 1.0
+        assert m["es/intended_norm"] > 0 and m["es/step_norm_ratio"] > 0
+        if precision == "master":
+            assert m["es/step_cosine"] > 0.9999 and m["es/step_lost_fraction"] < 1e-3
+    capsys.readouterr()
+    assert main(["replay", "--run", str(straight), "--iteration", "3", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+
+
+def test_master_resume_without_saved_masters_replays_from_the_base(tiny_model, tmp_path):
+    """A checkpoint without masters (removed here) cannot continue a master run: resume starts from the
+    base model and replays the whole seed log, with the same bits."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    extra = ("--update-precision", "master")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tiny_model, straight, 2, *extra) == 0
+    assert _train(tiny_model, resumed, 1, *extra) == 0
+    shutil.rmtree(resumed / "checkpoints" / "iter-000001" / "es-state")
+    assert _train(tiny_model, resumed, 2, *extra, "--resume") == 0
+    a = load_file(str(straight / "checkpoints" / "iter-000002" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "iter-000002" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_nearest_loses_steps_the_remedies_keep(tiny_model, tmp_path):
+    """The same bf16 run and seeds, small alpha: round to nearest logs lost steps; masters lose none."""
+    logged = {}
+    for precision in ("nearest", "master"):
+        out = tmp_path / precision
+        assert _train(tiny_model, out, 1, "--alpha", "1e-4", "--update-precision", precision) == 0
+        logged[precision] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["nearest"]["es/step_lost_fraction"] > 0.2
+    assert logged["nearest"]["es/step_cosine"] < 0.99
+    assert logged["master"]["es/step_lost_fraction"] < 1e-3
