@@ -290,3 +290,36 @@ def test_pool_copies_a_checkpoint_from_another_node(ray_cluster, tiny_model, tmp
         pool.close()
     direct = {p.name: p.read_bytes() for p in (tmp_path / "direct").iterdir()}
     assert direct and direct == {p.name: p.read_bytes() for p in (tmp_path / "copied").iterdir()}
+
+
+@pytest.mark.parametrize(("noise", "precision"), [("independent", "master"), ("lowrank", "stochastic")])
+def test_bf16_remedies_on_two_workers_give_the_single_process_bits(
+    ray_cluster, tiny_model, tmp_path, monkeypatch, capsys, noise, precision
+):
+    """bf16 with float32 masters or stochastic rounding: every worker updates its replica with the same
+    bits as one process; worker 1 dies in iteration 4 and its replacement is rebuilt from checkpoint 2
+    (with that checkpoint's masters) plus seed-log entry 3, and the run still ends with the same bits."""
+    extra = (
+        "--dtype",
+        "bfloat16",
+        "--noise",
+        noise,
+        "--update-precision",
+        precision,
+        "--checkpoint-every",
+        "2",
+    )
+    one = tmp_path / "one"
+    assert train(tiny_model, one, *extra) == 0
+    if precision == "master":
+        assert (one / "checkpoints" / "iter-000002" / "es-state" / "master.safetensors").is_file()
+    monkeypatch.setenv("ESFT_RAY_FAULT", "exit:worker=1:iteration=4:after=1")
+    two = tmp_path / "two"
+    capsys.readouterr()
+    assert main(["train", "--model", str(tiny_model), "--output", str(two), "--iterations", str(ITERATIONS),
+                 *[a for a in COMMON if a != "--quiet"], "--workers", "2", *extra]) == 0  # fmt: skip
+    log = "".join(capsys.readouterr())
+    assert "rebuilt from checkpoint 2 + 1 seed-log update(s)" in log and "weights match" in log, log
+    assert_same_run(one, two)
+    env = json.loads((two / "environment.json").read_text())
+    assert env["dtype"] == "bfloat16" and env["update_precision"] == precision

@@ -261,16 +261,38 @@ def _growth(args: argparse.Namespace) -> int:
     result = growth(ref.run, base, progress=not args.quiet)
     print(f"update norm across {ref.run.root} (d = {result.trained_numel} trained coordinates)\n")
     rows = [
-        [p.iteration, p.norm, p.relative_norm, p.expected_config, p.expected_seedlog, p.ratio]
+        [
+            p.iteration,
+            p.norm,
+            p.relative_norm,
+            p.expected_config,
+            p.expected_seedlog,
+            p.ratio,
+            p.step_cosine,
+            p.step_lost_fraction,
+        ]
         for p in result.points
     ]
     print(
         table(
-            ["iteration", "||theta_T - theta_0||", "relative", "alpha*sqrt(T*d/N)", "seed-log null", "ratio"],
+            [
+                "iteration",
+                "||theta_T - theta_0||",
+                "relative",
+                "alpha*sqrt(T*d/N)",
+                "seed-log null",
+                "ratio",
+                "cos(intended)",
+                "lost",
+            ],
             rows,
         )
     )
     print("ratio = observed / expected under the random-walk null (> 1: updates kept a direction)")
+    print(
+        "cos(intended), lost = the checkpoint's update against the seed log's float32 update: cosine, and "
+        "the share of the coordinates it moves that the checkpoint left unmoved (rounding)"
+    )
     _save(sources.output_path(args.json, "growth", ref, ref.run.root.name), result.to_dict())
     return 0
 

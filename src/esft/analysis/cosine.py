@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from esft.analysis.naming import MODULE_TYPES, layer_of, layer_order, module_type
-from esft.analysis.tensors import aligned_tensors, chunks
+from esft.analysis.tensors import aligned_tensors, chunks, in_run_dtype
 
 
 @dataclass
@@ -94,7 +94,7 @@ def update_cosine(base: str | Path, a: str | Path, b: str | Path, progress: bool
     layers: dict[str, Dot] = {}
     modules: dict[str, Dot] = {k: Dot() for k in MODULE_TYPES}
     for name, (tb, ta, tt) in aligned_tensors(folders, progress, desc="cosine"):
-        d = _tensor_dot(tb, ta, tt)
+        d = _tensor_dot(in_run_dtype(tb, ta, tt), ta, tt)
         total.add(d)
         layers.setdefault(layer_of(name), Dot()).add(d)
         modules[module_type(name)].add(d)

@@ -128,6 +128,10 @@ class GrowthPoint:
     relative_norm: float  # / ||theta_0||
     expected_config: float | None  # alpha sqrt(T d / N)
     expected_seedlog: float | None  # sqrt(d s^2) with the seed log's exact s^2
+    # the checkpoint against the seed log's intended update, in float32 (steploss.py); None: not ES
+    step_cosine: float | None = None
+    step_norm_ratio: float | None = None
+    step_lost_fraction: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -152,9 +156,11 @@ class Growth:
         }
 
 
-def growth(store: Any, base: str | Path, progress: bool = False) -> Growth:
-    """||theta_T - theta_0|| at every checkpoint of an ES run against the random-walk expectation.
+def growth(store: Any, base: str | Path, progress: bool = False, intended: bool = True) -> Growth:
+    """||theta_T - theta_0|| at every checkpoint of an ES run against the random-walk expectation, and
+    (``intended``) against the update the seed log intended (``steploss.py``: what rounding lost).
 
+    theta_0 is the base rounded to the checkpoints' dtype (a bf16 run starts from those weights).
     d = the coordinates of the tensors that changed in any checkpoint (frozen tensors stay exact)."""
     config = store.read_config()
     seedlog = store.seedlog()
@@ -168,6 +174,11 @@ def growth(store: Any, base: str | Path, progress: bool = False) -> Growth:
         trained.update(changed)
         measured.append((it, norm, base_norm))
     d = sum(trained.values())
+    losses = {}
+    if es and intended and seedlog:
+        from esft.analysis.steploss import step_loss
+
+        losses = {s.iteration: s for s in step_loss(config, seedlog, base, store.checkpoints(), progress)}
     points = []
     for it, norm, base_norm in measured:
         by_config = from_config(config, it) if es else None
@@ -179,6 +190,9 @@ def growth(store: Any, base: str | Path, progress: bool = False) -> Growth:
                 relative_norm=norm / base_norm if base_norm else math.nan,
                 expected_config=by_config.expected_norm(d) if by_config else None,
                 expected_seedlog=by_log.expected_norm(d) if by_log else None,
+                step_cosine=losses[it].cosine if it in losses else None,
+                step_norm_ratio=losses[it].norm_ratio if it in losses else None,
+                step_lost_fraction=losses[it].lost_fraction if it in losses else None,
             )
         )
     return Growth(str(store.root), str(base), d, points)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from esft.analysis.naming import MODULE_TYPES, layer_of, layer_order, module_type
-from esft.analysis.tensors import aligned_tensors, chunks
+from esft.analysis.tensors import aligned_tensors, chunks, in_run_dtype
 
 DEFAULT_TAU = 1e-6
 HIST_LOW, HIST_HIGH = -10, 1  # histogram edges 1e-10 .. 10, plus an underflow and an overflow bin
@@ -195,7 +195,7 @@ def update_stats(
     changed: list[str] = []
     changed_numel = 0
     for name, (b, t) in aligned_tensors([base, tuned], progress, desc="delta"):
-        m, counts = _tensor_moments(b, t, tau, edges)
+        m, counts = _tensor_moments(in_run_dtype(b, t), t, tau, edges)
         tensors[name] = m
         total.add(m)
         layers.setdefault(layer_of(name), DeltaMoments()).add(m)
@@ -226,7 +226,7 @@ def update_norm(
     changed: dict[str, int] = {}
     for name, (b, t) in aligned_tensors([Path(base), Path(tuned)], progress, desc="delta"):
         sq = 0.0
-        for bb, tt in chunks(b, t):
+        for bb, tt in chunks(in_run_dtype(b, t), t):
             sq += _sq_sum(tt - bb)
             sq_base += _sq_sum(bb)
         sq_delta += sq
