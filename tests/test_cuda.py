@@ -155,6 +155,43 @@ def check_update_matches_float64(scheme: str, device: str, tmp: Path) -> None:
         torch.testing.assert_close(t.double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def check_stochastic_rounding_unbiased(dtype: str, device: str, tmp: Path) -> None:
+    """bf16/fp16 remedy 2 on the device: a step of 3% of an ulp at 1.0 vanishes with round to nearest;
+    stochastic rounding keeps it on average, with seeded (repeatable) bits."""
+    from esft.es.precision import stochastic_round
+
+    target = DTYPES[dtype]
+    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[target]
+    x = torch.full((1_000_000,), 1.0 + 0.03 * ulp, device=device)
+    assert torch.equal(x.to(target).float(), torch.ones_like(x))
+    r = stochastic_round(x, target, seed=3)
+    assert _on(r, device) and r.dtype == target
+    moved = float((r.float() != 1.0).float().mean())
+    assert abs(moved - 0.03) < 5 * (0.03 * 0.97 / x.numel()) ** 0.5, moved
+    assert torch.equal(r, stochastic_round(x, target, seed=3))
+    # integer hash bits: the device rounds exactly as the CPU does
+    assert torch.equal(r.cpu(), stochastic_round(x.cpu(), target, seed=3))
+
+
+def check_master_follows_float32(scheme: str, device: str, tmp: Path) -> None:
+    """bf16/fp16 remedy 1 on the device: float32 masters of bf16 weights hold exactly the float32 run's
+    values after several updates (with perturb/restore between them), the weights their rounding."""
+    base = make_params(torch.bfloat16, device)
+    exact = ParamSet({k: v.float() for k, v in base.items()}, scheme=scheme, rank=2)
+    master = ParamSet({k: v.clone() for k, v in base.items()}, scheme=scheme, rank=2, precision="master")
+    for t in range(1, 4):
+        members = [Member(100 * t + i, 1 if i % 2 else -1) for i in range(4)]
+        for ps in (exact, master):
+            if scheme != "lowrank":
+                ps.perturb(members[0], 1e-2)
+                ps.restore()
+            stats = ps.update(members, [0.5, -1.0, 1.5, -0.25], 1e-4)
+        assert stats.step_cosine > 0.9999 and stats.lost_fraction < 1e-3
+    for k in base:
+        assert torch.equal(master.pristine[k], exact.params[k]), k
+        assert torch.equal(master.params[k], exact.params[k].to(torch.bfloat16)), k
+
+
 # -- low-rank population batching -----------------------------------------------------------------
 
 
@@ -237,9 +274,9 @@ def check_lowrank_generate(device: str, tmp: Path) -> None:
 # -- a whole run ----------------------------------------------------------------------------------
 
 
-def check_resume_bit_identical(noise: str, device: str, tmp: Path) -> None:
-    """A tiny bf16 ES run on the device: 3 iterations straight == 1 iteration, then resumed to 3; and
-    replay from the seed log reproduces the final checkpoint bit for bit."""
+def check_resume_bit_identical(noise: str, precision: str, device: str, tmp: Path) -> None:
+    """A tiny bf16 ES run on the device with update ``precision``: 3 iterations straight == 1 iteration,
+    then resumed to 3; and replay from the seed log reproduces the final checkpoint bit for bit."""
     if importlib.util.find_spec("tensorboard") is None:
         raise SkipCheck("esft train logs to tensorboard, which is not installed")
     from safetensors.torch import load_file
@@ -262,6 +299,7 @@ def check_resume_bit_identical(noise: str, device: str, tmp: Path) -> None:
         rank=2,
         device=device,
         dtype="bfloat16",
+        update_precision=precision,
         checkpoint_every=1,
         iterations=3,
         output=str(tmp / "straight"),
@@ -301,8 +339,17 @@ CHECKS: dict[str, Check] = {
     "lowrank_forward-bfloat16": functools.partial(check_lowrank_forward, "bfloat16", False),
     "lowrank_generate-float32": check_lowrank_generate,
     **{
-        f"resume_bit_identical-{n}": functools.partial(check_resume_bit_identical, n)
+        f"stochastic_rounding_unbiased-{d}": functools.partial(check_stochastic_rounding_unbiased, d)
+        for d in ("bfloat16", "float16")
+    },
+    **{
+        f"master_follows_float32-{s}": functools.partial(check_master_follows_float32, s)
+        for s in ("independent", "lowrank")
+    },
+    **{
+        f"resume_bit_identical-{n}-{p}": functools.partial(check_resume_bit_identical, n, p)
         for n in ("independent", "lowrank")
+        for p in ("master", "stochastic")
     },
 }
 

@@ -12,7 +12,7 @@ from helpers import make_params
 
 from esft.dtypes import choose
 from esft.es import ParamSet, iteration_members
-from esft.es.precision import StepStats, resolve, rounding_seed, stochastic_round
+from esft.es.precision import StepStats, random_bits, resolve, rounding_seed, stochastic_round
 
 ULP_AT_ONE = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -22,9 +22,8 @@ def test_stochastic_rounding_is_unbiased_where_nearest_rounds_to_zero(dtype):
     step = 0.03 * ULP_AT_ONE[dtype]  # far below half an ulp
     x = torch.full((400_000,), 1.0 + step)
     assert torch.equal(x.to(dtype).float(), torch.ones_like(x))  # round to nearest: the step is gone
-    g = torch.Generator().manual_seed(1)
     for sign in (1, -1):
-        r = stochastic_round(sign * x, dtype, g).float()
+        r = stochastic_round(sign * x, dtype, seed=1 + sign).float()
         assert set(r.unique().tolist()) == {sign * 1.0, sign * (1.0 + ULP_AT_ONE[dtype])}
         # the moved share is Binomial(n, 0.03): 3 standard deviations of its mean
         moved = float((r != sign).float().mean())
@@ -36,13 +35,19 @@ def test_stochastic_rounding_is_unbiased_where_nearest_rounds_to_zero(dtype):
 
 def test_stochastic_rounding_keeps_representable_values_and_is_seeded():
     x = torch.randn(10_000).bfloat16().float()  # already bf16 values
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(stochastic_round(x, torch.bfloat16, g).float(), x)
+    assert torch.equal(stochastic_round(x, torch.bfloat16, seed=0).float(), x)
     y = torch.randn(10_000)
-    a = stochastic_round(y, torch.bfloat16, torch.Generator().manual_seed(5))
-    b = stochastic_round(y, torch.bfloat16, torch.Generator().manual_seed(5))
-    c = stochastic_round(y, torch.bfloat16, torch.Generator().manual_seed(6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    a = stochastic_round(y, torch.bfloat16, seed=5)
+    assert torch.equal(a, stochastic_round(y, torch.bfloat16, seed=5))
+    assert not torch.equal(a, stochastic_round(y, torch.bfloat16, seed=6))
+    # a slice rounds as it does inside the whole: the bits follow the coordinate, not the cut
+    assert torch.equal(stochastic_round(y[4000:], torch.bfloat16, seed=5, offset=4000), a[4000:])
+    # the bits are uniform: each of 16 low bits is set about half the time, pairs are uncorrelated
+    bits = random_bits(123, 0, 1 << 20)
+    ones = torch.stack([(bits >> k) & 1 for k in range(16)]).float().mean(1)
+    assert (ones - 0.5).abs().max() < 0.005
+    low = (bits & 0xFFFF).float()
+    assert abs(float(torch.corrcoef(torch.stack([low[:-1], low[1:]]))[0, 1])) < 0.01
     assert rounding_seed([(1, 1), (2, -1)]) == rounding_seed([(1, 1), (2, -1)])
     assert rounding_seed([(1, 1), (2, -1)]) != rounding_seed([(1, 1), (2, 1)])
 

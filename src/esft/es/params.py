@@ -29,7 +29,7 @@ from esft.es.lowrank import factors, vector_noise
 from esft.es.noise import Member, NoiseScheme, noise_slices, stream_seed
 
 # The update is applied in chunks of about this many values, so its float32 temporaries stay in cache.
-CHUNK = 1 << 18
+CHUNK = 1 << 20
 MASTER_FILE = "es-state/master.safetensors"  # inside a checkpoint folder (vLLM loads *.safetensors)
 
 
@@ -215,12 +215,9 @@ class ParamSet:
             total += old.numel()
             if not active:
                 continue
-            generator = None
-            if self.precision == "stochastic":
-                generator = torch.Generator(device=live.device)
-                generator.manual_seed(stream_seed(rounding, name))
+            stream = stream_seed(rounding, name)  # the stochastic rounding's bits for this tensor
             for rows, intended in self._steps(name, old, active, alpha / n):
-                self._apply(live, old, rows, intended, generator, step)
+                self._apply(live, old, rows, intended, stream, step)
             if on_tensor is not None:
                 on_tensor()
         cosine = step.dot / math.sqrt(step.sq_applied * step.sq_intended) if step.sq_applied > 0 else 0.0
@@ -264,7 +261,7 @@ class ParamSet:
         old: torch.Tensor,
         rows: slice,
         intended: torch.Tensor,
-        generator: torch.Generator | None,
+        stream: int,
         step: prec.StepStats,
     ) -> None:
         """Write old + intended into the stored weights of one chunk (by the precision mode) and record
@@ -273,7 +270,7 @@ class ParamSet:
         before = o.float() if o.dtype != torch.float32 else o.clone()
         new = before + intended  # float32
         if self.precision == "stochastic":
-            stored = prec.stochastic_round(new, lv.dtype, generator)
+            stored = prec.stochastic_round(new, lv.dtype, stream, rows.start)
         else:  # master (o is the float32 master), nearest, float32
             stored = new if o.dtype == torch.float32 else new.to(o.dtype)
         o.copy_(stored)

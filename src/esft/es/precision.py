@@ -16,8 +16,9 @@ only how fast. Two standard remedies (``--update-precision``):
 - ``stochastic``: the updated value is rounded up or down at random with the probabilities that make
   its expectation the exact float32 value (unbiased: a step of a tenth of an ulp moves one coordinate
   in ten by a whole ulp). No extra memory; it adds rounding noise of at most half an ulp per step. The
-  random bits come from the iteration's member seeds and the parameter's name, so resume, replay and
-  Ray workers round identically.
+  random bits are a hash of (the iteration's member seeds, the parameter's name, the coordinate), so
+  resume, replay and Ray workers round identically, and CPU and GPU alike (integer arithmetic, no
+  device RNG). A counter hash also runs on every core, where torch's CPU generator draws on one.
 - ``nearest``: plain round-to-nearest, the behaviour of most ES code; kept to measure what it loses.
 
 ``auto`` (the default) picks ``master`` with full-rank noise (it replaces a copy ES keeps anyway) and
@@ -58,19 +59,45 @@ def rounding_seed(members: Iterable[tuple[int, int]]) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+def _signed32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32), in place on an int32 tensor: every output bit depends
+    on every input bit. ``>>`` is arithmetic on int32, so each shift is masked to make it logical."""
+    h.bitwise_xor_(h.bitwise_right_shift(16).bitwise_and_(0xFFFF))
+    h.mul_(_signed32(0x7FEB352D))
+    h.bitwise_xor_(h.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
+    h.mul_(_signed32(0x846CA68B))
+    h.bitwise_xor_(h.bitwise_right_shift(16).bitwise_and_(0xFFFF))
+    return h
+
+
+def random_bits(seed: int, offset: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """32 pseudo-random bits (int32) for coordinates offset .. offset+n-1 of stream ``seed``: a hash of
+    (seed, coordinate), so any slice of a tensor gets the same bits however it is cut."""
+    h = torch.arange(offset, offset + n, dtype=torch.int64, device=device).to(torch.int32)
+    h.mul_(_signed32(0x9E3779B9)).add_(_signed32(seed))
+    _mix32(h).bitwise_xor_(_signed32(seed >> 32))
+    return _mix32(h)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, offset: int = 0) -> torch.Tensor:
     """``x`` (float32) rounded into ``dtype`` up or down at random, unbiased: E[result] = x exactly for
-    every finite x inside the range of ``dtype``."""
+    every finite x inside the range of ``dtype``. The randomness is ``random_bits(seed, offset, ...)``:
+    ``x`` is coordinates offset.. of a tensor whose stream is ``seed``."""
     if x.dtype != torch.float32:
         raise TypeError("stochastic_round takes float32 values")
     if dtype == torch.float32:
         return x.clone()
+    bits = random_bits(seed, offset, x.numel(), x.device).view(x.shape)
     if dtype == torch.bfloat16:
         # bfloat16 is float32 with the low 16 bits dropped: add 16 random bits, then truncate. A value
         # whose dropped bits are f (of 2**16) rounds away from zero with probability f / 2**16.
-        bits = x.view(torch.int32)
-        noise = torch.empty_like(bits).random_(0, 1 << 16, generator=generator)
-        return noise.add_(bits).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+        noise = bits.bitwise_and_(0xFFFF)
+        return noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
     # any other dtype (float16): the nearest value and its neighbour on the other side of x
     near = x.to(dtype)
     near_f = near.float()
@@ -78,7 +105,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     other = torch.nextafter(near, toward)
     other_f = other.float()
     p = ((x - near_f) / (other_f - near_f)).nan_to_num_(0.0, 0.0, 0.0)
-    u = torch.rand(x.shape, generator=generator, device=x.device)
+    u = bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float().mul_(2.0**-24)  # uniform [0, 1)
     return torch.where(u < p, other, near)
 
 
