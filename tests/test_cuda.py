@@ -164,13 +164,13 @@ def check_stochastic_rounding_unbiased(dtype: str, device: str, tmp: Path) -> No
     ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[target]
     x = torch.full((1_000_000,), 1.0 + 0.03 * ulp, device=device)
     assert torch.equal(x.to(target).float(), torch.ones_like(x))
-    r = stochastic_round(x, target, seed=3)
+    r = stochastic_round(x, target, seed=3).to(target)
     assert _on(r, device) and r.dtype == target
     moved = float((r.float() != 1.0).float().mean())
     assert abs(moved - 0.03) < 5 * (0.03 * 0.97 / x.numel()) ** 0.5, moved
-    assert torch.equal(r, stochastic_round(x, target, seed=3))
+    assert torch.equal(r, stochastic_round(x, target, seed=3).to(target))
     # integer hash bits: the device rounds exactly as the CPU does
-    assert torch.equal(r.cpu(), stochastic_round(x.cpu(), target, seed=3))
+    assert torch.equal(r.cpu(), stochastic_round(x.cpu(), target, seed=3).to(target))
 
 
 def check_master_follows_float32(scheme: str, device: str, tmp: Path) -> None:

@@ -39,6 +39,7 @@ def test_stochastic_rounding_keeps_representable_values_and_is_seeded():
     y = torch.randn(10_000)
     a = stochastic_round(y, torch.bfloat16, seed=5)
     assert torch.equal(a, stochastic_round(y, torch.bfloat16, seed=5))
+    assert torch.equal(a, a.bfloat16().float())  # bf16 values, handed back as float32
     assert not torch.equal(a, stochastic_round(y, torch.bfloat16, seed=6))
     # a slice rounds as it does inside the whole: the bits follow the coordinate, not the cut
     assert torch.equal(stochastic_round(y[4000:], torch.bfloat16, seed=5, offset=4000), a[4000:])
@@ -100,7 +101,10 @@ def test_step_stats_on_a_constructed_case():
     s = StepStats()
     s.add(torch.tensor([1.0, 0.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, 0.0, 2.0]))
     assert s.lost == 1 and s.intended_nonzero == 3 and s.changed == 2
-    assert s.dot == 5.0 and s.sq_applied == 5.0 and s.sq_intended == 6.0
+    assert s.dot == pytest.approx(5.0) and s.sq_applied == pytest.approx(5.0)
+    assert s.sq_intended == pytest.approx(6.0)
+    s.add(torch.tensor([-3.0, 0.0]), torch.tensor([3.0, 0.0]))  # a step the wrong way round
+    assert s.dot == pytest.approx(5.0 - 9.0) and s.lost == 1 and s.changed == 3
 
 
 def test_the_loss_is_measured_on_a_constructed_bf16_case():

@@ -267,17 +267,23 @@ class ParamSet:
         """Write old + intended into the stored weights of one chunk (by the precision mode) and record
         the applied step against the intended one."""
         o, lv = old.view(-1)[rows], live.view(-1)[rows]
-        before = o.float() if o.dtype != torch.float32 else o.clone()
-        new = before + intended  # float32
-        if self.precision == "stochastic":
-            stored = prec.stochastic_round(new, lv.dtype, stream, rows.start)
-        else:  # master (o is the float32 master), nearest, float32
-            stored = new if o.dtype == torch.float32 else new.to(o.dtype)
-        o.copy_(stored)
-        if lv.data_ptr() != o.data_ptr():
-            lv.copy_(stored)  # the compute copy: the master or the rounded value, cast to the live dtype
-        applied = stored.float() if stored.dtype != torch.float32 else stored
-        step.add(applied.sub_(before) if applied is not stored else stored - before, intended)
+        step.add_intended(intended)
+        if o.dtype == torch.float32:  # masters, or float32 weights
+            applied = o.clone()
+            o.add_(intended)
+            applied.neg_().add_(o)  # new - old, exactly the stored change
+            if lv.data_ptr() != o.data_ptr():
+                lv.copy_(o)  # the compute copy: the masters rounded to nearest
+        else:
+            before = o.float()
+            if self.precision == "stochastic":
+                o.copy_(prec.stochastic_round(before + intended, o.dtype, stream, rows.start))
+            else:  # nearest: one kernel adds in float32 and rounds into the weights' dtype
+                torch.add(before, intended, out=o)
+            if lv.data_ptr() != o.data_ptr():
+                lv.copy_(o)
+            applied = o.float().sub_(before)
+        step.add_applied(applied, intended)
 
     # -- masters in checkpoints ------------------------------------------------------------------
 

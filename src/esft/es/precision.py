@@ -78,16 +78,20 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 def random_bits(seed: int, offset: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """32 pseudo-random bits (int32) for coordinates offset .. offset+n-1 of stream ``seed``: a hash of
     (seed, coordinate), so any slice of a tensor gets the same bits however it is cut."""
-    h = torch.arange(offset, offset + n, dtype=torch.int64, device=device).to(torch.int32)
-    h.mul_(_signed32(0x9E3779B9)).add_(_signed32(seed))
-    _mix32(h).bitwise_xor_(_signed32(seed >> 32))
+    if offset + n < 1 << 31:
+        h = torch.arange(offset, offset + n, dtype=torch.int32, device=device)
+    else:
+        h = torch.arange(offset, offset + n, dtype=torch.int64, device=device).to(torch.int32)
+    h.mul_(_signed32(0x9E3779B9)).add_(_signed32(seed)).bitwise_xor_(_signed32(seed >> 32))
     return _mix32(h)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, offset: int = 0) -> torch.Tensor:
     """``x`` (float32) rounded into ``dtype`` up or down at random, unbiased: E[result] = x exactly for
     every finite x inside the range of ``dtype``. The randomness is ``random_bits(seed, offset, ...)``:
-    ``x`` is coordinates offset.. of a tensor whose stream is ``seed``."""
+    ``x`` is coordinates offset.. of a tensor whose stream is ``seed``. For bfloat16 the result is
+    returned as float32 values that bfloat16 holds exactly (copying them into a bf16 tensor casts once,
+    in the copy); other dtypes come back in ``dtype``."""
     if x.dtype != torch.float32:
         raise TypeError("stochastic_round takes float32 values")
     if dtype == torch.float32:
@@ -97,7 +101,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, offset: int
         # bfloat16 is float32 with the low 16 bits dropped: add 16 random bits, then truncate. A value
         # whose dropped bits are f (of 2**16) rounds away from zero with probability f / 2**16.
         noise = bits.bitwise_and_(0xFFFF)
-        return noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+        return noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
     # any other dtype (float16): the nearest value and its neighbour on the other side of x
     near = x.to(dtype)
     near_f = near.float()
@@ -121,12 +125,32 @@ class StepStats:
         self.lost = 0  # ... of which the stored value did not move
 
     def add(self, applied: torch.Tensor, intended: torch.Tensor) -> None:
-        """Both float32, same shape."""
-        self.dot += float(torch.dot(applied.view(-1), intended.view(-1)))
-        self.sq_applied += float(torch.dot(applied.view(-1), applied.view(-1)))
-        self.sq_intended += float(torch.dot(intended.view(-1), intended.view(-1)))
-        moved = applied != 0
-        wanted = intended != 0
-        self.changed += int(moved.sum())
-        self.intended_nonzero += int(wanted.sum())
-        self.lost += int((wanted & ~moved).sum())
+        """Both float32, same shape. (The update calls the two halves separately; ``applied`` may be
+        overwritten by ``add_applied``.)"""
+        self.add_intended(intended)
+        self.add_applied(applied.clone(), intended)
+
+    def add_intended(self, intended: torch.Tensor) -> None:
+        """The intended step of one chunk; ``add_applied`` of the same chunk follows."""
+        self._chunk = (_sq_norm(intended), int(torch.count_nonzero(intended)))
+        self.sq_intended += self._chunk[0]
+        self.intended_nonzero += self._chunk[1]
+
+    def add_applied(self, applied: torch.Tensor, intended: torch.Tensor) -> None:
+        """The applied step of the chunk last given to ``add_intended``; overwrites ``applied``."""
+        sq_intended, wanted = self._chunk
+        sq_applied = _sq_norm(applied)
+        self.sq_applied += sq_applied
+        moved = int(torch.count_nonzero(applied))
+        self.changed += moved
+        # a coordinate the intended step leaves at 0 stays exactly where it was (x + 0 rounds to x), so
+        # the moved coordinates are a subset of the wanted ones: lost = wanted - moved, per chunk
+        self.lost += wanted - moved
+        # <a, i> = (|a|^2 + |i|^2 - |a - i|^2) / 2: three norms instead of products and sums
+        self.dot += (sq_applied + sq_intended - _sq_norm(applied.sub_(intended))) / 2
+
+
+def _sq_norm(x: torch.Tensor) -> float:
+    """||x||^2 of a float32 tensor (vector_norm: the same bits for any alignment and thread count, unlike
+    a float32 dot product), summed by the caller in Python floats (float64)."""
+    return float(torch.linalg.vector_norm(x.view(-1))) ** 2
