@@ -21,6 +21,7 @@ from conftest import build_tiny_model  # noqa: E402
 from esft.engines.base import Sampling  # noqa: E402
 from esft.engines.hf import HFEngine  # noqa: E402
 from esft.engines.vllm import VLLMEngine  # noqa: E402
+from esft.engines.vllm.driver import lora_refusal, vllm_model_class  # noqa: E402
 from esft.errors import ConfigError  # noqa: E402
 from esft.es.checksum import checksums  # noqa: E402
 from esft.es.noise import Member  # noqa: E402
@@ -300,10 +301,11 @@ def test_freezing_everything_is_a_config_error(engine):
 
 
 def build_vllm_arch(path: Path, arch: str, tie: bool, seed: int = 2, randomise: bool = True, **extra) -> Path:
-    """A tiny randomly initialised Llama, Qwen3 or Gemma2 (head_dim 32) with conftest's tokenizer.
-    vLLM declares embedding_modules for Llama and Qwen3, so with LoRA enabled it wraps the embedding
-    and the logits processor (unlike Qwen2): the population hooks must sit on the wrappers. ``extra``
-    goes to the config (e.g. Gemma2's soft-capping)."""
+    """A tiny randomly initialised Llama, Qwen3, Gemma2 or StableLm (head_dim 32) with conftest's
+    tokenizer. vLLM declares embedding_modules for Llama and Qwen3, so with LoRA enabled it wraps the
+    embedding and the logits processor (unlike Qwen2): the population hooks must sit on the wrappers.
+    vLLM cannot serve StableLm with LoRA at all. ``extra`` goes to the config (e.g. Gemma2's
+    soft-capping)."""
     from transformers import (
         AutoConfig,
         Gemma2Config,
@@ -312,6 +314,8 @@ def build_vllm_arch(path: Path, arch: str, tie: bool, seed: int = 2, randomise: 
         LlamaForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        StableLmConfig,
+        StableLmForCausalLM,
     )
 
     build_tiny_model(path, tie=tie)
@@ -320,6 +324,7 @@ def build_vllm_arch(path: Path, arch: str, tie: bool, seed: int = 2, randomise: 
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "stablelm": (StableLmConfig, StableLmForCausalLM),
     }[arch]
     config = config_cls(
         vocab_size=base.vocab_size,
@@ -435,6 +440,39 @@ def test_soft_capped_logits_are_refused_not_approximated(tmp_path):
         e.close()
 
 
+def test_lowrank_on_an_architecture_without_vllm_lora_is_refused_before_vllm_starts(
+    tmp_path, monkeypatch, capsys
+):
+    """vLLM 0.32 has no LoRA for StableLm: its engine core would fail to start after its whole start-up
+    ("Engine core initialization failed"). The engine asks vLLM's model registry first and refuses with
+    esft's one-line error, without starting vLLM (about 1 s instead of about 35 s here)."""
+    import vllm
+
+    from esft.cli import main
+
+    path = build_vllm_arch(tmp_path / "stablelm", "stablelm", tie=False, randomise=False)
+    if lora_refusal(vllm_model_class(str(path)), [], vllm.__version__) is None:
+        pytest.skip(f"vLLM {vllm.__version__} serves StableLm with LoRA")
+
+    def started(*args, **kwargs):
+        raise AssertionError("vLLM's engine was started")
+
+    monkeypatch.setattr(vllm, "LLM", started)
+    with pytest.raises(ConfigError) as info:
+        VLLMEngine(path, dtype="float32", device="cpu", max_model_len=256, lora_population=4)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("StableLmForCausalLM cannot batch low-rank members in vLLM: ")
+    assert "has no LoRA support for StablelmForCausalLM" in message
+    assert "use --engine hf with --noise lowrank" in message
+    # the CLI: exit status 2, the same line on stderr, no traceback
+    args = ["train", "--engine", "vllm", "--noise", "lowrank", "--model", str(path), "--output"]
+    args += [str(tmp_path / "run"), "--task", "conciseness", "--population", "4", "--iterations", "1"]
+    capsys.readouterr()
+    assert main([*args, "--dtype", "float32", "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"esft: error: {message}"]
+
+
 def test_population_batching_refuses_what_it_cannot_perturb(lora_engine, monkeypatch):
     report = dict(lora_engine.setup_report)
     report["population_names"] = [n for n in report["population_names"] if "embed_tokens" not in n]
@@ -468,6 +506,94 @@ def test_cli_trains_with_vllm_and_replays_bit_identically(tmp_path, tiny32, caps
     # replay rebuilds the weights with the HF engine: the same noise and update code, bit for bit
     assert main(["replay", "--run", str(out), "--iteration", "2", "--quiet"]) == 0
     assert "bit-identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["master", "stochastic"])
+def test_bf16_cli_run_matches_the_hf_engine_and_resumes(tmp_path, tiny32, precision):
+    """A bfloat16 run with --update-precision master / stochastic ends with the HF engine's bits (same
+    seed log: greedy bf16 texts agree on the tiny model); the worker saves the float32 masters into the
+    checkpoint, and a run resumed from checkpoint 1 (in a fresh vLLM engine: masters loaded by the
+    worker, iteration 2 generated again) ends with the same bits. bf16 ran here on an avx512_bf16 CPU."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from esft.cli import main
+    from esft.es.params import MASTER_FILE
+    from esft.runstore import RunStore
+
+    common = ["--model", str(tiny32), "--task", "conciseness", "--population", "4", "--iterations", "2"]
+    common += ["--max-new-tokens", "6", "--sigma", "0.05", "--alpha", "0.01", "--dtype", "bfloat16"]
+    common += ["--update-precision", precision, "--checkpoint-every", "1", "--quiet"]
+    runs = {engine: tmp_path / engine for engine in ("vllm", "hf")}
+    for engine, out in runs.items():
+        assert main(["train", "--engine", engine, "--output", str(out), *common]) == 0
+
+    def final(run: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(run / "checkpoints" / "iter-000002" / "model.safetensors"))
+
+    def rows(run: Path, name: str = "seedlog.jsonl") -> list[dict]:
+        return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+    ours, theirs = final(runs["vllm"]), final(runs["hf"])
+    base = load_file(str(tiny32 / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert any(not torch.equal(base[k].bfloat16(), ours[k]) for k in ours), "training changed nothing"
+    assert rows(runs["vllm"]) == rows(runs["hf"])
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    env = json.loads((runs["vllm"] / "environment.json").read_text())
+    assert env["dtype"] == "bfloat16" and env["update_precision"] == precision
+    masters = runs["vllm"] / "checkpoints" / "iter-000001" / MASTER_FILE
+    if precision == "stochastic":
+        assert not masters.parent.exists()
+        return
+    assert masters.is_file()
+    assert all(m["es/step_lost_fraction"] < 1e-3 for m in rows(runs["vllm"], "metrics.jsonl"))
+    # a run stopped after checkpoint 1 (what an interrupted run leaves), resumed on vLLM
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["vllm"], resumed)
+    store = RunStore(resumed)
+    store.drop_checkpoint(2)
+    store.truncate_logs(1)
+    assert main(["train", "--engine", "vllm", "--output", str(resumed), "--resume", *common]) == 0
+    again = final(resumed)
+    assert set(again) == set(ours) and all(torch.equal(again[k], ours[k]) for k in ours)
+    # the float32 masters too: those vLLM's worker saved, those it saved after resuming, the HF engine's
+    saved = [
+        load_file(str(run / "checkpoints" / "iter-000002" / MASTER_FILE)) for run in (*runs.values(), resumed)
+    ]
+    assert all(m.keys() == saved[0].keys() for m in saved)
+    assert all(torch.equal(m[k], saved[0][k]) for m in saved for k in m)
+    assert all(t.dtype == torch.float32 for t in saved[0].values())
+
+
+def test_a_checkpoint_without_its_masters_is_a_one_line_config_error(tmp_path):
+    """The worker's ParamSet refuses a run checkpoint without float32 masters (es/params.py
+    require_state); the worker answers with the message and the driver raises esft's ConfigError, as the
+    HF engine does, instead of vLLM's "Worker failed" traceback. vLLM's transport is faked here (the
+    worker's own method, the driver's own _rpc); the bf16 test above runs the real one."""
+    from esft.engines.vllm import driver, worker
+    from esft.es.remote import RemoteParamSet
+
+    assert driver.CONFIG_ERROR == worker.CONFIG_ERROR  # the two sides never import each other
+    ext = worker.ESWorkerExtension()
+    ext._esft_params = ext._esft_population = None
+    ext._esft_views = {"w": torch.ones(4, 4, dtype=torch.bfloat16)}
+    ext._esft_gemm_weight = {}
+    (tmp_path / "esft_checkpoint.json").write_text("{}")  # a run checkpoint, written without masters
+
+    class LLM:
+        def collective_rpc(self, method, args):
+            return [getattr(ext, method)(*args)]
+
+    engine = object.__new__(VLLMEngine)
+    engine.llm = LLM()
+    with pytest.raises(ConfigError, match=r"^checkpoint .* has no float32 masters .*cannot continue"):
+        RemoteParamSet(engine._rpc, [], "independent", 1, "master", str(tmp_path))
+    assert ext._esft_params is None
+    ps = RemoteParamSet(engine._rpc, [], "independent", 1, "master", None)  # from the weights: fine
+    assert ps.precision == "master" and ext._esft_params is not None
 
 
 @pytest.mark.parametrize("noise", ["independent", "lowrank"])

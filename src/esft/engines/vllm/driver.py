@@ -30,7 +30,48 @@ from esft.es.params import UpdateStats
 from esft.es.remote import RemoteParamSet
 
 EXTENSION = "esft.engines.vllm.worker.ESWorkerExtension"  # imported by vLLM in its worker process
+CONFIG_ERROR = "esft_config_error"  # an esft_* answer {CONFIG_ERROR: message} (worker.CONFIG_ERROR)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def vllm_model_class(model_path: str) -> type | None:
+    """The model class vLLM would build for ``model_path``, resolved as vLLM resolves it (``config.json``'s
+    ``architectures`` through its model registry: ``get_model_cls``) without reading weights or starting an
+    engine (about a second: it imports the model's module). None when vLLM cannot resolve it here; building
+    the engine then reports vLLM's own error."""
+    from vllm.config import ModelConfig
+    from vllm.model_executor.model_loader import get_model_cls
+
+    try:
+        return get_model_cls(ModelConfig(model=model_path, tokenizer=model_path))
+    except Exception:  # building the engine raises it again, in vLLM's own words
+        return None
+
+
+def lora_refusal(model_cls: type, architectures: Sequence[str], version: str) -> str | None:
+    """Why ``--noise lowrank`` cannot batch members on vLLM's ``model_cls`` (None if it can).
+
+    vLLM serves LoRA adapters only for classes that implement its ``SupportsLoRA`` interface, which
+    ``vllm.model_executor.models.supports_lora`` tests (its LoRA model runner makes the same check after
+    loading, where it ends the engine core's start-up with an error)."""
+    from vllm.model_executor.models import supports_lora
+
+    if supports_lora(model_cls):
+        return None
+    name = model_cls.__name__
+    instead = "use --engine hf with --noise lowrank"
+    if getattr(model_cls, "packed_modules_mapping", None):
+        instead += ", or --engine vllm with another --noise (independent, table, correlated)"
+    else:  # worker.esft_setup maps HF names onto vLLM's fused layers through it
+        instead += (
+            f" (--engine vllm with another --noise needs a packed_modules_mapping to map fused weights, "
+            f"and vLLM's {name} declares none)"
+        )
+    return (
+        f"{', '.join(architectures) or name} cannot batch low-rank members in vLLM: --engine vllm "
+        f"--noise lowrank runs each member as a LoRA adapter, and vLLM {version} has no LoRA support for "
+        f"{name}; {instead}"
+    )
 
 
 class VLLMEngine:
@@ -54,7 +95,7 @@ class VLLMEngine:
         # its engine-core and worker processes).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
-            import vllm  # noqa: F401
+            import vllm
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -99,6 +140,13 @@ class VLLMEngine:
             slot_rank = next((r for r in LORA_RANKS if r >= lora_rank), None)
             if slot_rank is None:
                 raise ConfigError(f"--rank {lora_rank} is above vLLM's largest LoRA rank {LORA_RANKS[-1]}")
+            # vLLM would fail only inside its engine core ("Engine core initialization failed"), after
+            # the start-up; ask its model registry first, as its LoRA model runner does.
+            model_cls = vllm_model_class(str(model_path))
+            archs = getattr(self.config, "architectures", None) or []
+            refusal = lora_refusal(model_cls, archs, vllm.__version__) if model_cls is not None else None
+            if refusal:
+                raise ConfigError(refusal)
             lora = {
                 "enable_lora": True,
                 "max_loras": self.lora_population,
@@ -129,8 +177,12 @@ class VLLMEngine:
     # -- rpc --------------------------------------------------------------------------------------
 
     def _rpc(self, method: str, *args: Any) -> Any:
-        results = self.llm.collective_rpc(method, args=args)
-        return results[0]
+        result = self.llm.collective_rpc(method, args=args)[0]
+        # the worker's errors the user must fix (e.g. a checkpoint without its float32 masters) come
+        # back as values: vLLM would turn an exception into a traceback
+        if isinstance(result, dict) and CONFIG_ERROR in result:
+            raise ConfigError(result[CONFIG_ERROR])
+        return result
 
     # -- ES interface -------------------------------------------------------------------------------
 
@@ -346,4 +398,4 @@ class VLLMEngine:
         gc.collect()
 
 
-__all__ = ["EXTENSION", "LORA_RANKS", "VLLMEngine"]
+__all__ = ["EXTENSION", "LORA_RANKS", "VLLMEngine", "lora_refusal", "vllm_model_class"]

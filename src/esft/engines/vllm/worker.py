@@ -35,6 +35,10 @@ import torch
 from esft.checkpoint import safetensors_files
 from esft.es.noise import Member
 
+# An esft_* method returns {CONFIG_ERROR: message} for an error the user must fix (not a bug); the
+# driver raises it as esft's one-line ConfigError (vLLM would turn an exception into its own traceback).
+CONFIG_ERROR = "esft_config_error"
+
 
 def _dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """cpu_gemm="dense": reads the live ``layer.weight`` on every call (no packed copy)."""
@@ -314,7 +318,11 @@ class ESWorkerExtension:
         if state_dir is not None:
             from esft.es.params import require_state
 
-            require_state(self._esft_params, state_dir)
+            try:
+                require_state(self._esft_params, state_dir)
+            except ValueError as e:  # masters missing from or not matching the checkpoint: the user's
+                self._esft_params = None  # to fix; the driver raises it as a one-line ConfigError
+                return {CONFIG_ERROR: str(e)}
         # the packed GEMMs that read any trainable tensor: repacked after every weight change
         ptrs = {t.untyped_storage().data_ptr() for t in params.values()}
         self._esft_repack = [
