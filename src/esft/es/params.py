@@ -277,12 +277,16 @@ class ParamSet:
         else:
             before = o.float()
             if self.precision == "stochastic":
-                o.copy_(prec.stochastic_round(before + intended, o.dtype, stream, rows.start))
+                rounded = prec.stochastic_round(before + intended, o.dtype, stream, rows.start)
+                o.copy_(rounded)  # exact: bf16 values (a float16 result is already float16)
+                applied = (
+                    rounded.float().sub_(before) if rounded.dtype != torch.float32 else rounded.sub_(before)
+                )
             else:  # nearest: one kernel adds in float32 and rounds into the weights' dtype
                 torch.add(before, intended, out=o)
+                applied = o.float().sub_(before)
             if lv.data_ptr() != o.data_ptr():
                 lv.copy_(o)
-            applied = o.float().sub_(before)
         step.add_applied(applied, intended)
 
     # -- masters in checkpoints ------------------------------------------------------------------
