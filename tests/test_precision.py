@@ -263,3 +263,21 @@ def test_analysis_uses_the_base_in_the_run_dtype_and_reports_each_checkpoints_lo
     # a bf16 checkpoint cannot hold what is below half an ulp of the whole update (masters keep it for
     # the next iterations); round to nearest at every step loses far more than that one rounding
     assert lost["master"] < lost["nearest"] and lost["stochastic"] < lost["nearest"]
+
+
+def test_analysis_loads_models_in_the_dtype_the_run_recorded(tiny_model, tmp_path):
+    """A run whose --dtype auto chose bf16 is analysed in bf16 on any machine (here: auto is float32)."""
+    import argparse
+
+    from esft.analysis import cli as analysis_cli
+    from esft.runstore import RunStore
+
+    store = RunStore(tmp_path / "run")
+    store.write_config({"dtype": "auto", "device": "cpu", "model_path": str(tiny_model)})
+    (store.root / "environment.json").write_text(json.dumps({"dtype": "bfloat16", "device": "cpu"}))
+    args = argparse.Namespace(dtype=None, device=None, batch_size=4)
+    config = store.read_config()
+    assert analysis_cli._engine(str(tiny_model), args, config, store).dtype == torch.bfloat16
+    assert analysis_cli._engine(str(tiny_model), args, config).dtype == torch.float32  # no run: auto here
+    args.dtype = "float32"
+    assert analysis_cli._engine(str(tiny_model), args, config, store).dtype == torch.float32

@@ -159,10 +159,14 @@ def run(args: argparse.Namespace) -> int:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _engine(path: str, args: argparse.Namespace, config: dict[str, Any]):
+def _engine(path: str, args: argparse.Namespace, config: dict[str, Any], run: Any = None):
+    """The HF engine for ``path`` in the run's dtype: --dtype, else the dtype ``run`` recorded in its
+    environment.json (``auto`` resolved where it trained), else its config's."""
+    from esft import environment
     from esft.engines import build_engine
 
-    dtype = args.dtype or config.get("dtype") or "auto"
+    recorded = (environment.read(run.root) or {}).get("dtype") if run is not None else None
+    dtype = args.dtype or recorded or config.get("dtype") or "auto"
     device = args.device or config.get("device") or "auto"
     return build_engine("hf", path, dtype=dtype, device=device, batch_size=args.batch_size)
 
@@ -342,8 +346,8 @@ def _kl(args: argparse.Namespace) -> int:
         raise ConfigError("--samples must be >= 1 and --temperature > 0")
     options = parse_task_options(args.task_option)
     tasks = [sources.build_task(name, [ref.config], options) for name in (args.task or [None])]
-    tuned = _engine(ref.path, args, ref.config)
-    base = _engine(base_path, args, ref.config)
+    tuned = _engine(ref.path, args, ref.config, ref.run)
+    base = _engine(base_path, args, ref.config, ref.run)
     sampling = Sampling(args.samples, args.temperature, 1.0, args.seed)
     rows, out = [], {}
     for task in tasks:
@@ -390,7 +394,7 @@ def _interpolate(args: argparse.Namespace) -> int:
     task = sources.build_task(args.task, [ref.config], parse_task_options(args.task_option))
     start = sources.local_folder(start_path)
     end = sources.local_folder(end_path)
-    engine = _engine(str(start), args, ref.config)
+    engine = _engine(str(start), args, ref.config, ref.run)
     kl_sampling = Sampling(args.kl_samples, args.temperature, 1.0, args.seed) if args.kl_samples > 0 else None
     result = interpolate(
         engine, start, end, task, lambdas, split=args.split, limit=args.limit,
@@ -438,7 +442,7 @@ def _forgetting(args: argparse.Namespace) -> int:
     options = parse_task_options(args.task_option)
     tasks = [sources.build_task(n, [ref.config], options) for n in (args.tasks or [None])]
     _unique(tasks)
-    engine = _engine(ref.base, args, ref.config)
+    engine = _engine(ref.base, args, ref.config, ref.run)
     stages: list[tuple[str, Path | None]] = [("base", None)]
     stages += [(f"iter-{it}", folder) for it, folder in ref.run.checkpoints().items()]
     matrix = evaluate_stages(
@@ -469,7 +473,7 @@ def _sequential(args: argparse.Namespace) -> int:
             print(
                 f"note: {cur.label} started from {cur.base}, not from {prev.label}'s checkpoint {prev.path}"
             )
-    engine = _engine(refs[0].base, args, refs[0].config)
+    engine = _engine(refs[0].base, args, refs[0].config, refs[0].run)
     labels = [
         r.label if [x.label for x in refs].count(r.label) == 1 else f"{i + 1}:{r.label}"
         for i, r in enumerate(refs)
@@ -510,7 +514,7 @@ def _passk(args: argparse.Namespace) -> int:
     sampling = Sampling(args.samples, args.temperature, args.top_p, args.seed)
     results = []
     for r in refs:
-        engine = _engine(r.path, args, r.config)
+        engine = _engine(r.path, args, r.config, r.run)
         max_new = _max_new(args, task)
         _, samples = evaluate(
             engine, task, args.split, args.limit, max_new, args.batch_size, not args.quiet, sampling
