@@ -14,8 +14,8 @@ import time
 from esft.engines import HFEngine
 from esft.es import ParamSet, iteration_members, zscore
 from esft.es.noise import noise_table
+from esft.es.params import select_trained
 from esft.models import embedded_model_path
-from esft.trainer import trainable
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     engine = HFEngine(str(embedded_model_path()), dtype=args.dtype)
     freeze = ["*embed_tokens*", "lm_head*"] if args.freeze_embeddings else []
-    live = trainable(engine.parameters(), freeze)
+    live = select_trained(engine.parameters(), freeze)
     members = iteration_members(0, 1, args.population)
     weights = zscore(list(range(args.population)))
     tic = time.perf_counter()

@@ -22,9 +22,9 @@ from esft.config import BENCH_MODES
 from esft.engines import Engine
 from esft.errors import ConfigError
 from esft.es import ParamSet, iteration_members, shape
-from esft.es.lowrank import lowrank_trainable
+from esft.es.params import select_trained
 from esft.tasks import Task
-from esft.trainer import score_population, trainable
+from esft.trainer import score_population
 
 
 def mode_params(
@@ -43,11 +43,13 @@ def mode_params(
         if mode == "reference":
             raise ConfigError("the reference mode needs --engine hf (it restores by subtraction in place)")
         return label, engine.param_set(freeze, mode, rank, precision)
-    live = trainable(engine.parameters(), freeze)
+    live = select_trained(engine.parameters(), freeze)
     if mode == "reference":
         return label, ParamSet(live, scheme="correlated", restore="subtract", precision="nearest")
     if mode == "lowrank":
-        return label, ParamSet(lowrank_trainable(live), scheme="lowrank", rank=rank, precision=precision)
+        return label, ParamSet(
+            select_trained(live, [], mode), scheme="lowrank", rank=rank, precision=precision
+        )
     return label, ParamSet(live, scheme=mode, precision=precision)
 
 

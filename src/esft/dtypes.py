@@ -1,9 +1,10 @@
 """Which dtype a run computes in: ``--dtype auto`` picks the fastest dtype the hardware does natively.
 
-bfloat16 halves the bytes every decode step reads and, where the hardware has bf16 matrix units, more
-than doubles the arithmetic rate: on a CPU with ``avx512_bf16`` a bf16 ``F.linear`` at a decode shape
-ran at 4.4x float32 (docs/benchmarks.md). Where the hardware only emulates bf16 (a CPU without those
-instructions, a CUDA device before compute capability 8.0), it is slower than float32. So ``auto`` is:
+bfloat16 halves the bytes every decode step reads and, where the hardware has bf16 instructions, raises
+the arithmetic rate: on a 2-core CPU with ``avx512_bf16`` the quickstart's iterations took 21-22 s in
+bf16 against 48 s in float32 (docs/experiments.md). Where the hardware only emulates bf16 (a CPU
+without those instructions, a CUDA device before compute capability 8.0), it is slower than float32
+(docs/benchmarks.md, the AVX2 machine). So ``auto`` is:
 
 - CUDA: bfloat16 on compute capability 8.0 or newer (Ampere, Hopper, ...), else float32 (fp16 would be
   native there, but its 5-bit exponent overflows in LLM activations without loss scaling);
@@ -71,7 +72,3 @@ def choose(dtype: str, device: str) -> tuple[torch.dtype, str]:
     if native:
         return torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({' and '.join(native)})"
     return torch.float32, "auto: the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)"
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    return choose(dtype, device)[0]

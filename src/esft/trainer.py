@@ -11,7 +11,6 @@ the newest checkpoint and replays the seed log past it, so a killed run loses no
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import sys
 import time
@@ -27,8 +26,7 @@ from esft.config import ESConfig
 from esft.engines import Engine, Generation, build_engine
 from esft.errors import ConfigError
 from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_members, shape
-from esft.es.lowrank import lowrank_trainable
-from esft.es.params import MASTER_FILE, require_state
+from esft.es.params import MASTER_FILE, require_state, select_trained
 from esft.evaluate import periodic_eval
 from esft.models import resolve_model
 from esft.resources import peak_memory, reset_peak
@@ -56,11 +54,6 @@ RESUMABLE = {
 }
 
 
-def trainable(params: dict[str, Any], freeze: list[str]) -> dict[str, Any]:
-    """Parameters whose names match none of the ``freeze`` patterns."""
-    return {n: t for n, t in params.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)}
-
-
 def es_params(
     engine: Engine,
     freeze: list[str],
@@ -74,9 +67,7 @@ def es_params(
     ``state_dir`` when it holds them (else from the weights)."""
     if hasattr(engine, "param_set"):  # the weights live in another process (vLLM): ES runs there
         return engine.param_set(freeze, noise, rank, precision, state_dir)
-    params = trainable(engine.parameters(), freeze)
-    if noise == NoiseScheme.LOWRANK:
-        params = lowrank_trainable(params)
+    params = select_trained(engine.parameters(), freeze, noise)
     if not params:
         raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
     out = ParamSet(params, scheme=noise, rank=rank, precision=precision)

@@ -156,9 +156,9 @@ class Growth:
         }
 
 
-def growth(store: Any, base: str | Path, progress: bool = False, intended: bool = True) -> Growth:
+def growth(store: Any, base: str | Path, progress: bool = False) -> Growth:
     """||theta_T - theta_0|| at every checkpoint of an ES run against the random-walk expectation, and
-    (``intended``) against the update the seed log intended (``steploss.py``: what rounding lost).
+    against the update the seed log intended (``steploss.py``: what rounding lost).
 
     theta_0 is the base rounded to the checkpoints' dtype (a bf16 run starts from those weights).
     d = the coordinates of the tensors that changed in any checkpoint (frozen tensors stay exact)."""
@@ -175,7 +175,7 @@ def growth(store: Any, base: str | Path, progress: bool = False, intended: bool 
         measured.append((it, norm, base_norm))
     d = sum(trained.values())
     losses = {}
-    if es and intended and seedlog:
+    if es and seedlog:
         from esft.analysis.steploss import step_loss
 
         losses = {s.iteration: s for s in step_loss(config, seedlog, base, store.checkpoints(), progress)}

@@ -16,8 +16,6 @@ the trained tensors: memory of 4 bytes per trained parameter, time of one update
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from tqdm.auto import tqdm
 from esft.analysis.tensors import in_run_dtype
 from esft.checkpoint import iter_tensors
 from esft.es import Member, ParamSet
-from esft.es.lowrank import lowrank_trainable
+from esft.es.params import select_trained
 from esft.es.precision import StepStats
 
 
@@ -42,14 +40,6 @@ class StepLoss:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _trained(names: list[str], config: dict[str, Any], shapes: dict[str, torch.Size]) -> list[str]:
-    freeze = list(config.get("freeze") or [])
-    kept = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in freeze)]
-    if config.get("noise") == "lowrank":
-        kept = list(lowrank_trainable({n: torch.empty(shapes[n], device="meta") for n in kept}))
-    return kept
 
 
 @torch.no_grad()
@@ -69,7 +59,7 @@ def step_loss(
     first = checkpoints[todo[0]]
     dtypes = {n: t.dtype for n, t in iter_tensors(first)}
     base_t = dict(iter_tensors(base, sorted(dtypes)))
-    names = _trained(sorted(base_t), config, {n: t.shape for n, t in base_t.items()})
+    names = sorted(select_trained(base_t, config.get("freeze") or [], config.get("noise", "independent")))
     start = {n: in_run_dtype(base_t[n], torch.empty(0, dtype=dtypes[n])).float() for n in names}
     del base_t
     exact = ParamSet(
@@ -87,14 +77,13 @@ def step_loss(
         stats = StepStats()
         for name, tuned in iter_tensors(checkpoints[it], names):
             stats.add(tuned.float() - start[name], exact.params[name] - start[name])
-        cos = stats.dot / math.sqrt(stats.sq_applied * stats.sq_intended) if stats.sq_applied else 0.0
         out.append(
             StepLoss(
                 iteration=it,
                 dtype=str(dtypes[names[0]]).removeprefix("torch."),
-                cosine=max(-1.0, min(1.0, cos)) if stats.sq_intended else 1.0,
-                norm_ratio=math.sqrt(stats.sq_applied / stats.sq_intended) if stats.sq_intended else 1.0,
-                lost_fraction=stats.lost / stats.intended_nonzero if stats.intended_nonzero else 0.0,
+                cosine=stats.cosine(),
+                norm_ratio=stats.norm_ratio(),
+                lost_fraction=stats.lost_fraction(),
             )
         )
     return out

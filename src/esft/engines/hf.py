@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from esft.dtypes import DTYPES, choose, resolve_dtype  # noqa: F401  (re-exported)
+from esft.dtypes import choose
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
 from esft.errors import ConfigError, ModelError
 from esft.es.noise import Member

@@ -131,7 +131,8 @@ class PopulationHooks:
                 if a_t.shape[1] == 1:
                     # rank 1: x b is a row-wise dot product and (x b) a^T an outer product. Elementwise
                     # kernels beat two tiny batched matmuls on CPU, most of all in bf16 (no bmm fast path
-                    # for inner dimension 1): 5% of the decode step instead of 20% (docs/benchmarks.md)
+                    # for inner dimension 1): +20% on a layer's linears instead of +34%
+                    # (benchmarks/population_hooks.py, docs/benchmarks.md)
                     res.addcmul_((x * b_t).sum(-1, keepdim=True), a_t)
                 else:
                     res.add_(torch.bmm(torch.bmm(x, b_t.transpose(1, 2)), a_t))

@@ -17,6 +17,7 @@ every update measures what reached the stored weights against the intended float
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from esft.es import precision as prec
-from esft.es.lowrank import factors, vector_noise
+from esft.es.lowrank import factors, lowrank_trainable, vector_noise
 from esft.es.noise import Member, NoiseScheme, noise_slices, stream_seed
 
 # The update is applied in chunks of about this many values, so its float32 temporaries stay in cache.
@@ -66,6 +67,17 @@ class UpdateStats:
     @classmethod
     def from_dict(cls, d: Mapping[str, float]) -> UpdateStats:
         return cls(**{k: float(d[k]) for k in cls.__dataclass_fields__ if k in d})
+
+
+def select_trained(
+    params: Mapping[str, torch.Tensor],
+    freeze: Sequence[str],
+    scheme: NoiseScheme | str = NoiseScheme.INDEPENDENT,
+) -> dict[str, torch.Tensor]:
+    """The tensors ES trains: those whose names match none of the ``freeze`` patterns (fnmatch), and with
+    low-rank noise only matrices and biases (``lowrank_trainable``). May be empty."""
+    kept = {n: t for n, t in params.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)}
+    return lowrank_trainable(kept) if NoiseScheme(scheme) == NoiseScheme.LOWRANK else kept
 
 
 class ParamSet:
@@ -220,15 +232,13 @@ class ParamSet:
                 self._apply(live, old, rows, intended, stream, step)
             if on_tensor is not None:
                 on_tensor()
-        cosine = step.dot / math.sqrt(step.sq_applied * step.sq_intended) if step.sq_applied > 0 else 0.0
-        cosine = max(-1.0, min(1.0, cosine))  # float sums can overshoot 1 by an ulp
         return UpdateStats(
             update_norm=math.sqrt(step.sq_applied),
             param_norm=math.sqrt(sq_param),
             changed_fraction=step.changed / max(total, 1),
             intended_norm=math.sqrt(step.sq_intended),
-            step_cosine=cosine if step.sq_intended > 0 else 1.0,
-            lost_fraction=step.lost / step.intended_nonzero if step.intended_nonzero else 0.0,
+            step_cosine=step.cosine(),
+            lost_fraction=step.lost_fraction(),
         )
 
     def _steps(

@@ -29,6 +29,7 @@ members). In float32 every mode is the plain update: float32 rounding loses noth
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 
 import torch
@@ -123,6 +124,23 @@ class StepStats:
         self.changed = 0  # coordinates whose stored value changed
         self.intended_nonzero = 0  # coordinates the intended step changes
         self.lost = 0  # ... of which the stored value did not move
+
+    def cosine(self) -> float:
+        """cos(applied, intended): 1 when nothing was asked (no intended step), 0 when nothing moved."""
+        if self.sq_intended == 0:
+            return 1.0
+        if self.sq_applied == 0:
+            return 0.0
+        cos = self.dot / math.sqrt(self.sq_applied * self.sq_intended)
+        return max(-1.0, min(1.0, cos))  # float sums can overshoot 1 by an ulp
+
+    def norm_ratio(self) -> float:
+        """||applied|| / ||intended|| (1 when nothing was asked)."""
+        return math.sqrt(self.sq_applied / self.sq_intended) if self.sq_intended else 1.0
+
+    def lost_fraction(self) -> float:
+        """Of the coordinates the intended step changes, the share whose stored value did not move."""
+        return self.lost / self.intended_nonzero if self.intended_nonzero else 0.0
 
     def add(self, applied: torch.Tensor, intended: torch.Tensor) -> None:
         """Both float32, same shape. (The update calls the two halves separately; ``applied`` may be

@@ -26,7 +26,6 @@ applies, and seed logs replay across the two engines. ``esft_save`` writes Huggi
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -296,19 +295,13 @@ class ESWorkerExtension:
     ) -> dict[str, Any]:
         """Build the worker's ParamSet over the HF-named views minus ``freeze`` (fnmatch patterns), with
         ``precision`` (``es/precision.py``) and the float32 masters of checkpoint ``state_dir``, if any."""
-        from esft.es.params import ParamSet
+        from esft.es.params import ParamSet, select_trained
 
         if self._esft_params is not None and self._esft_params.perturbed:
             self.esft_restore()
         if self._esft_population is not None:
             self._esft_population.drop()
-        params = {
-            n: t for n, t in self._esft_views.items() if not any(fnmatch.fnmatchcase(n, p) for p in freeze)
-        }
-        if scheme == "lowrank":
-            from esft.es.lowrank import lowrank_trainable
-
-            params = lowrank_trainable(params)
+        params = select_trained(self._esft_views, freeze, scheme)
         if not params:
             raise ValueError("no trainable parameters: the --freeze patterns match every parameter")
         kwargs: dict[str, Any] = {"scheme": scheme}
