@@ -19,9 +19,19 @@ The boundary is the operating system, provided by bubblewrap (``bwrap``), never 
   exec, fork, signals to others, ptrace, sockets, mounts, IPC, io_uring ...), and only then runs model
   code. Jobs cannot reach one another: PID 1 ignores their signals, the work folder is emptied after
   each job, and nothing else in the sandbox is writable.
-- **The host reads bounded output.** Results come back as JSON (never pickle), at most
-  ``MAX_OUTPUT_BYTES`` per job, with a wall-clock deadline on each job and a hard deadline on the
-  sandbox; a sandbox that misbehaves is killed with its whole PID namespace and started afresh.
+- **The host reads bounded output.** PID 1 forwards each job's raw result (at most
+  ``Limits.max_output_bytes``) behind a header line of its own, never parsing it; the host parses it
+  as JSON (never pickle) only after checking its nesting depth, with NaN, infinities and ints of more
+  than 18 digits refused. Each job has a wall-clock deadline that PID 1 enforces even when the job
+  closed its pipe, and the host a deadline on each answer; a sandbox that misbehaves is killed with
+  its whole PID namespace (PID 1 included, through a pidfd) and started afresh.
+- **No job can hurt another.** The seccomp filter lets a job change limits, priority and scheduling
+  only of itself (never of PID 1, which shares its uid), PID 1 compares its own state before and
+  after every job, and a sandbox whose state changed, whose clean-up failed or whose job could not
+  be set up is retired; a job that failed in set-up (before any model code ran) is run again once in
+  a fresh sandbox, so one member's program cannot lower the others' scores.
+- **Nothing outlives the host.** bubblewrap's ``--die-with-parent`` is re-armed in PID 1 after its
+  uid change (which clears it), and the kernel kills every job when PID 1 dies.
 
 If bubblewrap is missing or cannot create namespaces here, :func:`require_sandbox` raises a one-line
 :class:`~esft.errors.ConfigError` that says how to install it: there is no unsandboxed fallback.
@@ -39,8 +49,10 @@ import functools
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import pickle
+import re
 import select
 import shutil
 import signal
@@ -57,7 +69,8 @@ from typing import Any
 from esft import seccomp
 from esft.errors import ConfigError
 
-MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # PID 1's own answer lines
+MAX_INT_DIGITS = 18
 WORK = "/esft-work"  # the jobs' tmpfs inside the sandbox (esft.sandbox_zygote.WORK_ROOT)
 NOBODY = 65534
 INSTALL_HINT = (
@@ -72,6 +85,7 @@ class SandboxResult:
     ok: bool
     value: Any = None
     error: str = ""
+    retry: bool = False  # the sandbox failed before the job's code ran: not the job's fault
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,9 @@ class Limits:
     cpu_s: int = 5
     memory_mb: int = 512
     file_mb: int = 16
+    max_output_bytes: int = 256 * 1024  # the job's JSON result
+    max_depth: int = 16  # nesting of the result
+    max_items: int = 100_000  # values in the result
 
 
 @dataclass(frozen=True)
@@ -300,6 +317,8 @@ class _Sandbox:
 
     def __init__(self, profile: Profile):
         self.prepared: list[str] = []  # host code already run by prepare()
+        self.pid1_fd = None
+        self._buf = bytearray()
         info_r, info_w = os.pipe()
         try:
             cmd = bwrap_command(profile, info_w)
@@ -347,6 +366,10 @@ class _Sandbox:
             self.kill()
             raise SandboxUnavailable(f"sandbox failed to start: {ready!r}")
         self.pid1 = json.loads(info.decode()).get("child-pid") if info else None
+        self.pid1_fd: int | None = None
+        if self.pid1:
+            with contextlib.suppress(OSError):
+                self.pid1_fd = os.pidfd_open(self.pid1)  # kill() reaches PID 1 even in its own session
         self.base_vm = _vm_size(self.pid1)
 
     # framing
@@ -356,28 +379,38 @@ class _Sandbox:
         self.proc.stdin.write(struct.pack(">Q", len(data)) + data)
         self.proc.stdin.flush()
 
-    def _read_line(self, deadline: float, limit: int = MAX_OUTPUT_BYTES + 4096) -> Any:
-        """One JSON line from PID 1, read in bounded chunks; the sandbox is killed past the limit."""
+    def _fill(self, deadline: float) -> None:
+        """Read one more chunk from PID 1 into the buffer, waiting until ``deadline``."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        buf = bytearray()
-        while b"\n" not in buf:
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("sandbox did not answer in time")
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise OSError("sandbox exited")
-            buf += chunk
-            if len(buf) > limit:
-                raise ValueError("sandbox output too large")
-        line, _, rest = bytes(buf).partition(b"\n")
-        if rest.strip():
-            raise ValueError("unexpected output from sandbox")
-        return json.loads(line.decode("utf-8"))
+            if select.select([fd], [], [], left)[0]:
+                break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise OSError("sandbox exited")
+        self._buf += chunk
+
+    def _read_line(self, deadline: float) -> Any:
+        """One JSON line written by PID 1 (at most MAX_HEADER_BYTES, parsed with bounds)."""
+        while b"\n" not in self._buf:
+            if len(self._buf) > MAX_HEADER_BYTES:
+                raise ValueError("sandbox answer too large")
+            self._fill(deadline)
+        line, _, self._buf = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(self._buf)
+        if len(line) > MAX_HEADER_BYTES:
+            raise ValueError("sandbox answer too large")
+        return loads_bounded(line, max_depth=4)
+
+    def _read_exact(self, size: int, deadline: float) -> bytes:
+        while len(self._buf) < size:
+            self._fill(deadline)
+        data, self._buf = bytes(self._buf[:size]), self._buf[size:]
+        return data
 
     def _stderr_tail(self) -> str:
         with contextlib.suppress(Exception):
@@ -393,11 +426,15 @@ class _Sandbox:
     def prepare(self, code: str) -> None:
         self._send({"op": "prepare", "code": code})
         answer = self._read_line(time.monotonic() + 300)
-        if not answer.get("ok"):
-            raise RuntimeError(f"sandbox prepare failed: {answer.get('error')}")
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = answer.get("error") if isinstance(answer, dict) else answer
+            raise RuntimeError(f"sandbox prepare failed: {error}")
         self.prepared.append(code)
 
     def run(self, code: str | None, func: str, args: list | tuple, limits: Limits) -> SandboxResult:
+        """One job. Raises (OSError, TimeoutError, ValueError) when the sandbox itself misbehaved:
+        the caller then discards it. ``SandboxResult.retry`` marks a job the sandbox failed before
+        any model code ran."""
         job = {
             "op": "run",
             "code": code,
@@ -407,19 +444,36 @@ class _Sandbox:
             "cpu_s": limits.cpu_s,
             "memory_mb": limits.memory_mb,
             "file_mb": limits.file_mb,
-            "max_output": MAX_OUTPUT_BYTES,
+            "max_output": limits.max_output_bytes,
+            "max_depth": limits.max_depth,
+            "max_items": limits.max_items,
         }
         self._send(job | {"base_vm_bytes": self.base_vm})
-        answer = self._read_line(time.monotonic() + limits.timeout_s + 15)
-        if not isinstance(answer, dict):
-            raise ValueError("malformed answer")
-        if answer.get("retire"):
-            self.kill()  # the job left its work folder too full to clean: start afresh next time
-        if answer.get("ok") is True:
-            return SandboxResult(True, value=answer.get("value"))
-        return SandboxResult(False, error=str(answer.get("error", "failed"))[:300])
+        # PID 1 kills the job at its deadline, then empties the work folder (bounded): a few
+        # seconds of margin, past which the whole sandbox is killed
+        deadline = time.monotonic() + limits.timeout_s + 5
+        header = self._read_line(deadline)
+        if not isinstance(header, dict) or not isinstance(header.get("payload"), int):
+            raise ValueError("malformed answer from sandbox")
+        size = header["payload"]
+        if not 0 <= size <= limits.max_output_bytes:
+            raise ValueError("sandbox output too large")
+        payload = self._read_exact(size, deadline)
+        if header.get("retire"):
+            self.kill()  # a changed, unclean or broken sandbox: start afresh next time
+        if header.get("error"):
+            retry = bool(header.get("setup_failed"))
+            return SandboxResult(False, error=str(header["error"])[:300], retry=retry)
+        return parse_result(payload, limits)
 
     def kill(self) -> None:
+        """Kill the whole sandbox: PID 1 (which takes its PID namespace with it), then bubblewrap."""
+        if self.pid1_fd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pid1_fd, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.close(self.pid1_fd)
+            self.pid1_fd = None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
@@ -429,6 +483,64 @@ class _Sandbox:
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(Exception):
                 stream.close()
+
+
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def loads_bounded(data: bytes, max_depth: int) -> Any:
+    """JSON from the sandbox, parsed only after its nesting is known to be at most ``max_depth``
+    (Python's parser recurses, so deep nesting would raise RecursionError in the host). NaN,
+    infinities (also a float literal too large to represent) and ints of more than MAX_INT_DIGITS
+    digits are refused. Raises ValueError for anything else than such JSON."""
+    depth = 0
+    for m in _TOKENS.finditer(data):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth}")
+        elif c in (b"]", b"}"):
+            depth -= 1
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except RecursionError:  # the scan above should make this impossible: still not the caller's problem
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a result")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a non-finite number is not a result")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an int of more than {MAX_INT_DIGITS} digits is not a result")
+    return int(text)
+
+
+def parse_result(payload: bytes, limits: Limits) -> SandboxResult:
+    """The job's result document: ``{"ok": true, "value": ...}`` or ``{"ok": false, "error": ...}``."""
+    try:
+        status = loads_bounded(payload, max_depth=limits.max_depth + 1)
+    except ValueError as e:
+        return SandboxResult(False, error=f"unreadable result: {str(e)[:200]}")
+    if not isinstance(status, dict) or not isinstance(status.get("ok"), bool):
+        return SandboxResult(False, error="unreadable result: not a status")
+    if status["ok"]:
+        return SandboxResult(True, value=status.get("value"))
+    return SandboxResult(False, error=str(status.get("error", "failed"))[:300])
 
 
 def _vm_size(pid: int | None) -> int:
@@ -473,7 +585,7 @@ class SandboxPool:
             while self._free and box is None:
                 box = self._free.pop()
                 if not box.alive():
-                    box.kill()
+                    self._forget(box)
                     box = None
         if box is None:
             box = _Sandbox(self.profile)
@@ -483,39 +595,53 @@ class SandboxPool:
             for code in prepared:
                 if code not in box.prepared:
                     box.prepare(code)
-        except (OSError, TimeoutError, ValueError, RuntimeError):
+        except Exception:
             self._discard(box)
             raise
         return box
 
-    def _give(self, box: _Sandbox) -> None:
-        with self._lock:
-            self._free.append(box)
+    def _forget(self, box: _Sandbox) -> None:
+        box.kill()
+        if box in self._all:
+            self._all.remove(box)
 
     def _discard(self, box: _Sandbox) -> None:
-        box.kill()
         with self._lock:
-            if box in self._all:
-                self._all.remove(box)
+            self._forget(box)
 
     def run(
         self, code: str | None, func: str, args: list | tuple, limits: Limits = Limits()
     ) -> SandboxResult:
+        """Run one job; a result or a failure, never raises for anything the job does (only
+        SandboxUnavailable when no sandbox can start). A job the sandbox failed before its code ran
+        is run once more in a fresh sandbox."""
+        result = self._run_once(code, func, args, limits)
+        if result.retry:
+            result = self._run_once(code, func, args, limits)
+        return result
+
+    def _run_once(self, code: str | None, func: str, args: list | tuple, limits: Limits) -> SandboxResult:
         with self._sem:
             try:
                 box = self._take()
-            except (OSError, TimeoutError, ValueError, RuntimeError) as e:
-                return SandboxResult(False, error=f"sandbox failed to prepare: {e}")
+            except ConfigError:  # no sandbox can start here (SandboxUnavailable) or a bad profile
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed preparation fails this job only
+                return SandboxResult(False, error=f"sandbox failed to prepare: {str(e)[:200]}")
+            keep = False
             try:
                 result = box.run(code, func, args, limits)
-            except (OSError, TimeoutError, ValueError) as e:
-                self._discard(box)
-                return SandboxResult(False, error=f"sandbox failed: {e}")
-            if box.alive():
-                self._give(box)
-            else:
-                self._discard(box)
-            return result
+                keep = box.alive()
+                return result
+            except Exception as e:  # noqa: BLE001 - a misbehaving sandbox fails this job only
+                return SandboxResult(False, error=f"sandbox failed: {str(e)[:200]}")
+            finally:
+                # every path either returns the sandbox to the pool or kills it
+                if keep:
+                    with self._lock:
+                        self._free.append(box)
+                else:
+                    self._discard(box)
 
     def run_many(
         self, jobs: list[tuple[str | None, str, list | tuple]], limits: Limits = Limits()

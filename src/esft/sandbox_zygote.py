@@ -5,16 +5,24 @@ PID namespace. It runs only code the host sends (never model text) and forks one
 model's code runs in that process, after the job's limits are in place:
 
 1. Start: read the settings frame, extend ``sys.path`` by the bound package folders, drop to the
-   unprivileged uid/gid if started as root (which clears every capability), ignore the signals a job
-   could send, import the preloaded modules, answer ``{"ready": true}``.
+   unprivileged uid/gid if started as root (which clears every capability) and re-arm the
+   parent-death signal that the uid change cleared (so the sandbox dies with the host), ignore the
+   signals a job could send, import the preloaded modules, answer ``{"ready": true}``.
 2. ``prepare`` frames: exec host-written code in the shared namespace (e.g. build a grader once).
 3. ``run`` frames: fork. The job process points stdin/stdout/stderr at /dev/null, closes every other
    descriptor but its result pipe, enters an empty work folder, sets rlimits (CPU seconds, address
    space, file size, open files, no processes, no core), installs the seccomp filter
-   (:mod:`esft.seccomp`), then execs ``code`` (if any) in a copy of the shared namespace and calls
-   ``func(*args)``. Its result is one JSON document on the pipe. This process reads at most
-   ``max_output`` bytes of it, kills the job at its wall-clock deadline, empties the work folder and
-   answers one JSON line.
+   (:mod:`esft.seccomp`), writes one ``+`` to its result pipe (set-up done: anything before it
+   failing is the sandbox's fault, not the model's), then execs ``code`` (if any) in a copy of the
+   shared namespace and calls ``func(*args)``. Its result is one JSON document after the ``+``.
+   This process reads at most ``max_output`` bytes of it, kills the job at its wall-clock deadline
+   (whether or not the job closed its pipe), checks that the job changed nothing of its own state
+   (limits, priority, scheduling), empties the work folder without following links, and answers.
+
+Answers are one JSON line written by this program. A ``run`` answer is a header line
+``{"payload": n, "error": ..., "retire": ...}`` followed by the job's n raw bytes, which this
+program never parses (the host does, with bounds): hostile output can neither crash PID 1 nor grow
+when re-encoded. ``retire`` asks the host to kill this sandbox and start a fresh one.
 
 Frames from the host: 8-byte big-endian length, then a pickle (host to sandbox only: the host is
 trusted; nothing from the sandbox is ever unpickled).
@@ -25,8 +33,8 @@ import os
 import pickle
 import resource
 import select
-import shutil
 import signal
+import stat
 import struct
 import sys
 import time
@@ -48,10 +56,35 @@ def reply(obj):
 
 
 def drop_privileges(uid, gid):
+    """Started as root: act as ``uid`` (files, the jobs' owner) but keep real and saved uid 0.
+
+    Two reasons. The kernel lets a process signal, ``prlimit`` or ``ptrace`` another only if their
+    uids match: a job (which sets all three uids to ``uid``) then cannot touch PID 1 even through a
+    call the seccomp filter missed. And bubblewrap's monitor (uid 0, no CAP_KILL) may then deliver
+    the parent-death signal: it was refused when PID 1 had dropped every uid, so PID 1 and its job
+    outlived the host. The capabilities kept (bubblewrap left CAP_SETUID and CAP_SETGID) stay out
+    of the effective set, and a job loses them when it drops its real and saved uid."""
     if os.getuid() == 0:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability
+        os.setresuid(0, uid, 0)
+    # A uid change clears PR_SET_PDEATHSIG, which bwrap's --die-with-parent set: re-arm it after the
+    # last change, or this process (and every job) would outlive the host.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "PR_SET_PDEATHSIG")
+
+
+def become_job_user():
+    """In the job: every uid the unprivileged one (allowed without privilege: it is the effective
+    uid already), which clears the capabilities PID 1 kept."""
+    uid = os.geteuid()
+    if os.getresuid() != (uid, uid, uid):
+        os.setresuid(uid, uid, uid)
+    if 0 in os.getresuid():
+        raise PermissionError("the job still holds uid 0")
 
 
 def install_seccomp(program):
@@ -77,10 +110,25 @@ def to_json(value):
     raise TypeError(f"result of type {type(value).__name__} is not JSON")
 
 
+def check_shape(value, max_depth, max_items):
+    """Refuse a result nested deeper than ``max_depth`` or with more than ``max_items`` values
+    (checked without recursion, before json.dumps recurses over it)."""
+    stack, items = [(value, 0)], 0
+    while stack:
+        v, depth = stack.pop()
+        items += 1
+        if items > max_items:
+            raise ValueError(f"result has more than {max_items} values")
+        if isinstance(v, list | tuple | dict):
+            if depth >= max_depth:
+                raise ValueError(f"result nested deeper than {max_depth}")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+
+
 def job_process(job, shared, result_fd, settings):
     """Runs in the forked child: limits, filter, then the job. Never returns."""
-    status = {"ok": False, "error": "job did not finish"}
     try:
+        become_job_user()
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -102,6 +150,13 @@ def job_process(job, shared, result_fd, settings):
             resource.setrlimit(limit, value)
         if settings.get("seccomp"):
             install_seccomp(settings["seccomp"])
+        os.write(result_fd, b"+")  # set-up done: what follows is the model's
+    except BaseException as e:  # noqa: BLE001 - the sandbox failed the job, not the model
+        with _suppress():
+            os.write(result_fd, ("!" + type(e).__name__ + ": " + str(e)[:200]).encode())
+        os._exit(0)
+    status = {"ok": False, "error": "job did not finish"}
+    try:
         # From here on, everything is the model's: its code, or host code called on its output.
         namespace = dict(shared)
         if job.get("code") is not None:
@@ -110,36 +165,114 @@ def job_process(job, shared, result_fd, settings):
         if not callable(fn):
             raise NameError("no function " + job["func"])
         value = fn(*job["args"])
-        status = {"ok": True, "value": json.loads(json.dumps(value, default=to_json))}
+        check_shape(value, job["max_depth"], job["max_items"])
+        text = json.dumps(value, default=to_json, allow_nan=False)
+        status = {"ok": True, "value": json.loads(text)}
     except BaseException as e:  # noqa: BLE001 - every failure of model code is a failed job
         status = {"ok": False, "error": type(e).__name__ + ": " + str(e)[:200]}
     try:
-        data = json.dumps(status).encode()
+        data = json.dumps(status, allow_nan=False).encode()
         while data:
             data = data[os.write(result_fd, data) :]
     finally:
         os._exit(0)
 
 
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+def own_state():
+    """This process's limits, priority and scheduling: what a job must not be able to change."""
+    limits = {n: resource.getrlimit(getattr(resource, n)) for n in dir(resource) if n.startswith("RLIMIT_")}
+    return (
+        limits,
+        os.getpriority(os.PRIO_PROCESS, 0),
+        sorted(os.sched_getaffinity(0)),
+        os.sched_getscheduler(0),
+        os.sched_getparam(0).sched_priority,
+    )
+
+
 def clear_workdir(limit=20000):
-    """Empty the work root; False if it holds more than ``limit`` entries or cannot be emptied."""
-    count = 0
-    for root, dirs, files in os.walk(WORK_ROOT):
-        count += len(dirs) + len(files)
-        if count > limit:
-            return False
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o700)  # so a job's unreadable folder is still removed
-    for entry in os.listdir(WORK_ROOT):
-        path = os.path.join(WORK_ROOT, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    return not os.listdir(WORK_ROOT)
+    """Empty the work root without following links; False if it held more than ``limit`` entries or
+    anything went wrong (the host then starts a fresh sandbox). Never raises: iterative, one open
+    directory at a time, so neither a deep chain nor a link to ``/`` can crash this process."""
+    try:
+        return _clear(limit)
+    except Exception:  # noqa: BLE001 - whatever a job left, PID 1 survives it
+        return False
+
+
+def _clear(limit):
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(WORK_ROOT, flags)
+    stack = []  # (name of the directory we are in, the names left in its parent)
+    removed = 0
+    try:
+        names = os.listdir(fd)
+        while True:
+            if names:
+                name = names.pop()
+                removed += 1
+                if removed > limit:
+                    return False
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    # a real directory (no other process runs now): make it enterable, then enter
+                    os.chmod(name, 0o700, dir_fd=fd)
+                    child = os.open(name, flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = child
+                    stack.append((name, names))
+                    names = os.listdir(fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+                continue
+            if not stack:
+                break
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            name, names = stack.pop()
+            os.rmdir(name, dir_fd=fd)
+        return not os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def wait_exit(pid, deadline):
+    """Wait for ``pid`` until ``deadline``; True if it exited (it is not reaped)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pidfd = None
+    try:
+        while True:
+            if pidfd is None:
+                with _suppress():
+                    if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                        return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd is not None:
+                if select.select([pidfd], [], [], left)[0]:
+                    return True
+            else:
+                time.sleep(min(left, 0.01))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def run_job(job, shared, settings, counter):
+    """Fork the job, collect its raw output; (output, error, setup_failed). The job is dead and
+    reaped when this returns, at the latest at its deadline."""
     workdir = os.path.join(WORK_ROOT, f"job{counter}")
     os.mkdir(workdir, 0o700)
     job = {**job, "workdir": workdir}
@@ -150,40 +283,42 @@ def run_job(job, shared, settings, counter):
         job_process(job, shared, w, settings)
     os.close(w)
     deadline = time.monotonic() + float(job["timeout_s"])
-    limit = int(job["max_output"])
+    limit = int(job["max_output"]) + 1  # the set-up mark
     chunks, size, error = [], 0, None
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            error = "timeout"
-            break
-        ready, _, _ = select.select([r], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            error = "output too large"
-            break
-    os.close(r)
-    if error:
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                error = "timeout"
+                break
+            if not select.select([r], [], [], left)[0]:
+                continue
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break  # the job exited or closed its pipe: either way it gets only its deadline
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                error = "output too large"
+                break
+    finally:
+        os.close(r)
+    if error is not None or not wait_exit(pid, deadline):
+        error = error or "timeout"
         os.kill(pid, signal.SIGKILL)
     _, wait_status = os.waitpid(pid, 0)
-    if error is None:
-        try:
-            status = json.loads(b"".join(chunks).decode("utf-8"))
-            if not isinstance(status, dict):
-                raise ValueError
-        except ValueError:
-            code = os.waitstatus_to_exitcode(wait_status)
-            why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            status = {"ok": False, "error": f"no result ({why})"}
-    else:
-        status = {"ok": False, "error": error}
-    return status
+    out = b"".join(chunks)
+    if out[:1] != b"+":
+        why = out[1:300].decode("utf-8", "replace") if out[:1] == b"!" else error or _exit_text(wait_status)
+        return b"", "job set-up failed: " + why, True
+    if error is None and len(out) == 1:
+        error = "no result (" + _exit_text(wait_status) + ")"
+    return (b"" if error else out[1:]), error, False
+
+
+def _exit_text(wait_status):
+    code = os.waitstatus_to_exitcode(wait_status)
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def main():
@@ -214,11 +349,18 @@ def main():
                 reply({"ok": False, "error": type(e).__name__ + ": " + str(e)[:200]})
             continue
         counter += 1
-        status = run_job(frame, shared, settings, counter)
+        before = own_state()
+        out, error, setup_failed = run_job(frame, shared, settings, counter)
+        changed = own_state() != before
         clean = clear_workdir()
-        reply({**status, "retire": not clean})
-        if not clean:
-            return  # a job left more than can be cleaned quickly: the host starts a fresh sandbox
+        retire = setup_failed or changed or not clean
+        if changed:
+            error = error or "the job changed the sandbox's own limits or scheduling"
+        header = {"payload": len(out), "error": error, "setup_failed": setup_failed, "retire": retire}
+        sys.__stdout__.buffer.write(json.dumps(header).encode() + b"\n" + out)
+        sys.__stdout__.buffer.flush()
+        if retire:
+            return  # the host starts a fresh sandbox
 
 
 if __name__ == "__main__":

@@ -54,19 +54,51 @@ def extract_code(text: str) -> str | None:
     return code if code and len(code) <= MAX_CODE_CHARS else None
 
 
+MAX_SIDE = 30  # ARC grids are at most 30 x 30
+COLOURS = range(10)
+
+
 def is_grid(value: Any) -> bool:
-    """A non-empty list of equally long, non-empty lists of ints (bools and floats are not ints)."""
-    if not isinstance(value, list) or not value:
+    """An ARC grid: 1 to 30 equally long rows of 1 to 30 ints in 0-9 (bools and floats are not ints)."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_SIDE:
         return False
     width = len(value[0]) if isinstance(value[0], list) else 0
-    return width > 0 and all(
-        isinstance(row, list) and len(row) == width and all(type(v) is int for v in row) for row in value
+    return 0 < width <= MAX_SIDE and all(
+        isinstance(row, list) and len(row) == width and all(type(v) is int and v in COLOURS for v in row)
+        for row in value
     )
 
 
 # The trusted wrapper that runs inside the sandbox's job process: the model's code defines
-# transform(); each input is tried on its own, so one failing input does not fail the others.
+# transform(); each input is tried on its own, so one failing input does not fail the others. Only
+# ARC grids leave the sandbox (anything else becomes None there), and the host checks again.
 _APPLY = """
+def __esft_int(v):
+    if type(v) is int:
+        return v
+    if type(v).__module__ == "numpy" and getattr(getattr(v, "dtype", None), "kind", "") in ("i", "u"):
+        return int(v)
+    return None
+
+
+def __esft_grid(value):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if type(value) is not list or not 0 < len(value) <= 30:
+        return None
+    rows = []
+    for row in value:
+        if hasattr(row, "tolist"):
+            row = row.tolist()
+        if type(row) is not list or not 0 < len(row) <= 30 or len(row) != len(value[0]):
+            return None
+        row = [__esft_int(v) for v in row]
+        if not all(v is not None and 0 <= v <= 9 for v in row):
+            return None
+        rows.append(row)
+    return rows
+
+
 def __esft_apply(inputs):
     fn = globals().get("transform")
     if not callable(fn):
@@ -74,10 +106,7 @@ def __esft_apply(inputs):
     out = []
     for grid in inputs:
         try:
-            value = fn([list(row) for row in grid])
-            if hasattr(value, "tolist"):
-                value = value.tolist()
-            out.append(value)
+            out.append(__esft_grid(fn([list(row) for row in grid])))
         except Exception:
             out.append(None)
     return out
@@ -103,6 +132,7 @@ def run_programs(programs: list[tuple[str | None, list[list]]]) -> list[list[Any
         values = result.value if result.ok and isinstance(result.value, list) else None
         if values is None or len(values) != len(inputs):
             values = [None] * len(inputs)  # the program failed as a whole: every input scores 0
+        values = [v if is_grid(v) else None for v in values]  # only grids are kept (and cached)
         out[i] = values
         _CACHE[key] = values
         while len(_CACHE) > _CACHE_SIZE:

@@ -14,6 +14,7 @@ puzzles with fixed-seed, disjoint train/test splits (paper: 800/200) and the sam
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from esft import sandbox
@@ -70,10 +71,20 @@ def score_answers(dataset: str, answers: list[str | None], entries: list[dict]) 
         if a is None:
             out.append(0.0)
             continue
-        r = next(results)
-        ok = r.ok and isinstance(r.value, int | float) and not isinstance(r.value, bool)
-        out.append(min(max(float(r.value), 0.0), 1.0) if ok else 0.0)
+        out.append(as_score(next(results)))
     return out
+
+
+def as_score(result: sandbox.SandboxResult) -> float:
+    """A grader's result as a score in [0, 1]: anything but a finite int or float is 0 (never raises)."""
+    value = result.value
+    if not result.ok or isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        score = float(value)
+    except OverflowError:
+        return 0.0
+    return min(max(score, 0.0), 1.0) if math.isfinite(score) else 0.0
 
 
 def rg_answer_reward(prompts, completions, rg_dataset, rg_entry, **kwargs) -> list[float]:
