@@ -94,3 +94,61 @@ def test_rg_task_scores_through_the_sandbox(tmp_path):
     assert scores.parts["answer"] == [1.0, 0.0]
     assert scores.failures == 0
     assert not os.listdir(tmp_path)
+
+
+_WRITE_ALL = (
+    "import os\n"
+    "for fd in range(3, 64):\n"
+    "    try:\n"
+    '        os.write(fd, b\'{"ok": true, "value": 1.0}\')\n'
+    "    except OSError:\n"
+    "        pass\n"
+    "os._exit(0)\n"
+)
+_PATCH_DUMPS = 'import json\njson.dumps = lambda *a, **k: \'{"ok": true, "value": VALUE}\'\n'
+FORGE = {
+    "fake result on the pipe": f"exec({_WRITE_ALL!r})",
+    "replace json.dumps": f"exec({_PATCH_DUMPS.replace('VALUE', '1.0')!r})",
+    "return 1e999": f"exec({_PATCH_DUMPS.replace('VALUE', '1e999')!r})",
+    "gold from the grader's frame": "__import__('sys')._getframe(1).f_locals['entry']['answer']",
+    "gold from a local": "entry['answer']",
+    "infinity": "1e999",
+}
+
+
+def _forge_scores(name: str, entry: dict) -> dict[str, float]:
+    from esft.tasks import rgym
+
+    scores = rgym.score_answers(name, list(FORGE.values()), [entry] * len(FORGE))
+    return dict(zip(FORGE, scores, strict=True))
+
+
+@pytest.mark.parametrize("name", ["countdown", "spiral_matrix"])
+def test_control_forged_answers_score_without_the_host_check(entries, name, monkeypatch):
+    """Without the host's grammar check, an answer that a grader evaluates forges its own score in the
+    sandbox (so the test below means something)."""
+    from esft.tasks import rg_answers
+
+    monkeypatch.setattr(rg_answers, "admissible", lambda *a: True)
+    scores = _forge_scores(name, entries[name])
+    assert scores["fake result on the pipe"] == 1.0 and scores["replace json.dumps"] == 1.0, scores
+    assert scores["return 1e999"] == 0.0  # the host refuses a non-finite result by itself
+
+
+def test_forged_answers_score_exactly_zero_on_every_evaluating_dataset(entries):
+    from esft.tasks import rg_answers
+
+    for name in sorted(rg_answers.EVALUATING):
+        scores = _forge_scores(name, entries[name])
+        assert scores == dict.fromkeys(FORGE, 0.0), (name, scores)
+
+
+def test_hostile_answers_score_exactly_zero(entries, tmp_path):
+    """The payloads of the test above score 0, not merely a number in [0, 1], on every dataset whose
+    grader evaluates answers (elsewhere they are just wrong text)."""
+    from esft.tasks import rg_answers, rgym
+
+    payloads = _payloads(str(tmp_path / "pwned"))
+    for name in sorted(rg_answers.EVALUATING):
+        assert rgym.score_answers(name, payloads, [entries[name]] * len(payloads)) == [0.0] * len(payloads)
+    assert not os.listdir(tmp_path)

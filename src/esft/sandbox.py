@@ -298,7 +298,9 @@ def bwrap_command(profile: Profile, info_fd: int) -> list[str]:
         cmd += ["--tmpfs", d]
     for p in pkg_binds:
         cmd += ["--ro-bind", p, p]
-    cmd += ["--dev", "/dev", "--size", str(profile.work_mb << 20), "--tmpfs", WORK]
+    # /dev read-only: run without root, bubblewrap's /dev (and its /dev/shm) belongs to the job's uid
+    cmd += ["--dev", "/dev", "--remount-ro", "/dev"]
+    cmd += ["--size", str(profile.work_mb << 20), "--tmpfs", WORK]
     if os.getuid() == 0:
         cmd += ["--chmod", "0777", WORK]
     cmd += ["--remount-ro", "/", "--chdir", WORK, "--clearenv"]

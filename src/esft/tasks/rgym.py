@@ -6,7 +6,12 @@ thinks in <think> tags and answers in <answer> tags; the reward is the generator
 
 Several of reasoning-gym's graders evaluate the answer text (``eval``, sympy's ``parse_expr``), so
 model text reaching them is model code: every grader call runs in :mod:`esft.sandbox` (bubblewrap),
-one forked process per answer, and these tasks refuse to load without it.
+one forked process per answer, and these tasks refuse to load without it. The sandbox keeps such an
+answer from the host but not from the grader's own process, where it could forge its score: so an
+answer to a grader that evaluates it is first checked on the host against that dataset's strict
+grammar (:mod:`esft.tasks.rg_answers`) and scores 0 outside it. NaN and infinities score 0 on every
+dataset, and game_of_life_halting (whose grader gives 1 to any non-empty answer) is scored on the
+host by its True/False answer.
 
 ``sudoku`` is the paper's 4x4 Mini Sudoku (Qiu et al. 2025, appendix): reasoning-gym's ``mini_sudoku``
 puzzles with fixed-seed, disjoint train/test splits (paper: 800/200) and the same reward layout.
@@ -19,6 +24,7 @@ from typing import Any
 
 from esft import sandbox
 from esft.errors import ConfigError
+from esft.tasks import rg_answers
 from esft.tasks.base import RewardPart, Task, answer_accuracy, completion_text
 from esft.tasks.countdown import PREFILL, SYSTEM  # the same think/answer prompt style
 from esft.tasks.extract import format_score, last_answer_tag
@@ -55,23 +61,25 @@ def _warm(dataset: str) -> str:
 
 def score_answers(dataset: str, answers: list[str | None], entries: list[dict]) -> list[float]:
     """reasoning-gym's own score for each answer, each graded in its own sandboxed process; 0 for a
-    missing answer or one whose grading fails, times out or returns a non-number."""
+    missing answer, one a grader that evaluates answers must not see (:mod:`esft.tasks.rg_answers`:
+    checked on the host first), or one whose grading fails, times out or returns a non-number."""
     pool = sandbox.pool(RG)
     pool.prepare(_PREPARE)
     if dataset != "composite":
         pool.prepare(_warm(dataset))
-    jobs = [
-        (None, "__esft_rg_score", [dataset, a, e])
-        for a, e in zip(answers, entries, strict=True)
-        if a is not None
-    ]
-    results = iter(pool.run_many(jobs, LIMITS))
-    out = []
-    for a in answers:
-        if a is None:
-            out.append(0.0)
-            continue
-        out.append(as_score(next(results)))
+    out: list[float] = [0.0] * len(answers)
+    jobs, where = [], []
+    for i, (a, e) in enumerate(zip(answers, entries, strict=True)):
+        if a is None or not rg_answers.admissible(dataset, a, e):
+            continue  # no answer, or one outside the grammar of a grader that evaluates it: 0
+        host = rg_answers.host_score(dataset, a, e)
+        if host is not None:
+            out[i] = host
+        else:
+            jobs.append((None, "__esft_rg_score", [dataset, a, e]))
+            where.append(i)
+    for i, result in zip(where, pool.run_many(jobs, LIMITS) if jobs else [], strict=True):
+        out[i] = as_score(result)
     return out
 
 
