@@ -23,7 +23,7 @@ from esft.analysis import cli as analysis_cli
 from esft.analysis.cosine import update_cosine
 from esft.analysis.forgetting import StageMatrix, evaluate_stages
 from esft.analysis.interpolate import Interpolator, barrier, interpolate, lambda_grid
-from esft.analysis.kl import kl_drift
+from esft.analysis.kl import Scored, completion_logprobs, kl_drift
 from esft.analysis.passk import coverage, pass_at_k
 from esft.analysis.randomwalk import RandomWalk, from_config, from_seedlog, growth
 from esft.analysis.weights import histogram_edges, update_stats
@@ -309,6 +309,210 @@ def test_kl_from_a_changed_model_is_positive_and_seeded(engines):
     assert again.per_token_k1 == est.per_token_k1 and again.per_token_k3 == est.per_token_k3
     with pytest.raises(ConfigError):
         kl_drift(big, base, prompts, 6, Sampling(1, 1.0, 0.9, 0))
+
+
+# -- KL against exact enumeration ----------------------------------------------------------------
+# An 8-token vocabulary and 3 new tokens leave 1 + 7 + 49 + 343 completions per prompt (EOS ends one
+# early), so the exact KL between the two models' completion distributions is a finite sum. The
+# sampled estimates must land within 4.5 standard errors of it, the standard errors also computed
+# exactly from the enumeration; the alternatives a bug would estimate instead (the other direction,
+# the untempered distributions) lie more than 10 standard errors away, so each check can fail.
+
+SMALL_VOCAB = ["<pad>", "<eos>", "<unk>", "a", "b", "c", "d", "e"]
+SMALL_EOS = 1
+SMALL_PROMPTS = ["a b c", "e"]
+SMALL_NEW = 3
+SMALL_SAMPLES = 3000  # per prompt
+# Settings a model's generation_config.json may carry; sampled KL must ignore every one of them (each
+# truncates or reshapes the distribution, so the samples would not come from p_ft at temperature T).
+HOSTILE_GENERATION = {
+    "do_sample": True,
+    "temperature": 0.3,
+    "top_k": 2,
+    "top_p": 0.5,
+    "min_p": 0.3,
+    "typical_p": 0.5,
+    "epsilon_cutoff": 0.2,
+    "eta_cutoff": 0.2,
+    "repetition_penalty": 3.0,
+}
+
+
+def small_vocab_model(path: Path, seed: int, scale: float) -> Path:
+    """A random one-layer Qwen2 over SMALL_VOCAB (word-level tokenizer), weights N(0, scale^2) so the
+    next-token distributions are far from uniform and depend on the context."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SMALL_VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(SMALL_VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        initializer_range=scale, eos_token_id=SMALL_EOS, pad_token_id=0, bos_token_id=None,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    for key, value in {"eos_token_id": SMALL_EOS, "pad_token_id": 0, **HOSTILE_GENERATION}.items():
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_engines(tmp_path_factory):
+    """Engines A and B over SMALL_VOCAB: B is A with every matrix perturbed and a flatter lm_head, so
+    KL(A || B) and KL(B || A) differ clearly."""
+    root = tmp_path_factory.mktemp("small_vocab")
+    a = small_vocab_model(root / "a", seed=1, scale=0.3)
+
+    def edit(t):
+        g = torch.Generator().manual_seed(5)
+        for name, x in t.items():
+            if x.ndim == 2:
+                t[name] = x + torch.randn(x.shape, generator=g) * 0.3 * x.std()
+        t["lm_head.weight"] *= 0.3
+
+    b = variant(a, root / "b", edit)
+    return tuple(build_engine("hf", str(p), dtype="float32", device="cpu") for p in (a, b))
+
+
+@torch.inference_mode()
+def next_token_logprobs(engine, ids: list[list[int]], temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of the token after each (unpadded, equal-length) row, float64."""
+    logits = engine.model(torch.tensor(ids)).logits[:, -1].double()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def enumerate_completions(p, q, prompt: str, max_new: int, temperature: float) -> dict[str, torch.Tensor]:
+    """Every completion y of ``prompt`` (up to ``max_new`` tokens, ending at EOS) with p(y) and the sums
+    over its tokens of l_t = log p - log q, of k3_t = expm1(-l_t) + l_t and of l_t under the untempered
+    distributions; p and q are engines, both at ``temperature``."""
+    ids = p.tokenizer(prompt)["input_ids"]
+    zero = torch.zeros(1, dtype=torch.float64)
+    frontier = {"tokens": [[]], "logp": zero, "k1": zero, "k3": zero, "raw": zero}
+    done = []
+    for depth in range(max_new):
+        rows = [ids + h for h in frontier["tokens"]]
+        lp, lq = next_token_logprobs(p, rows, temperature), next_token_logprobs(q, rows, temperature)
+        l1 = next_token_logprobs(p, rows, 1.0) - next_token_logprobs(q, rows, 1.0)
+        ratio = lp - lq
+        grown = {
+            "logp": frontier["logp"][:, None] + lp,
+            "k1": frontier["k1"][:, None] + ratio,
+            "k3": frontier["k3"][:, None] + torch.expm1(-ratio) + ratio,
+            "raw": frontier["raw"][:, None] + l1,
+        }
+        vocab = lp.shape[1]
+        stop = torch.zeros(vocab, dtype=torch.bool)
+        stop[SMALL_EOS] = True
+        if depth == max_new - 1:
+            stop[:] = True
+        done.append({k: v[:, stop].reshape(-1) for k, v in grown.items()} | {"len": depth + 1})
+        frontier = {k: v[:, ~stop].reshape(-1) for k, v in grown.items()}
+        frontier["tokens"] = [
+            h + [v] for h in [r[len(ids) :] for r in rows] for v in range(vocab) if v != SMALL_EOS
+        ]
+    out = {k: torch.cat([d[k] for d in done]) for k in ("logp", "k1", "k3", "raw")}
+    out["len"] = torch.cat([torch.full((d["logp"].numel(),), float(d["len"])) for d in done]).double()
+    out["p"] = out.pop("logp").exp()
+    assert abs(float(out["p"].sum()) - 1.0) < 1e-9  # every completion is there
+    return out
+
+
+def exact_kl(p, q, prompts: list[str], samples: int, temperature: float) -> dict[str, float]:
+    """The exact values kl_drift(p, q, prompts, SMALL_NEW, Sampling(samples, T)) estimates, and the
+    standard errors of its estimates with ``samples`` completions per prompt."""
+    per = [enumerate_completions(p, q, x, SMALL_NEW, temperature) for x in prompts]
+    mean = lambda e, x: float((e["p"] * x).sum())  # noqa: E731
+    var = lambda e, x: mean(e, (x - mean(e, x)) ** 2)  # noqa: E731
+    n = len(prompts) * samples
+    seq = sum(mean(e, e["k1"]) for e in per) / len(prompts)  # E[k3 sum] is the same KL
+    length = sum(mean(e, e["len"]) for e in per) / len(prompts)
+    tok = seq / length
+    # the per-token estimate is a ratio (sum of l) / (sum of lengths): delta method
+    ratio_var = sum(var(e, e["k1"] - tok * e["len"]) for e in per) * samples
+    ratio_var3 = sum(var(e, e["k3"] - tok * e["len"]) for e in per) * samples
+    return {
+        "seq": seq,
+        "tok": tok,
+        "seq_k1_se": math.sqrt(sum(var(e, e["k1"]) for e in per) * samples) / n,
+        "seq_k3_se": math.sqrt(sum(var(e, e["k3"]) for e in per) * samples) / n,
+        "tok_k1_se": math.sqrt(ratio_var) / (n * length),
+        "tok_k3_se": math.sqrt(ratio_var3) / (n * length),
+        "seq_untempered": sum(mean(e, e["raw"]) for e in per) / len(prompts),
+        "check_k3": sum(mean(e, e["k3"]) for e in per) / len(prompts),
+    }
+
+
+def assert_estimates(est, exact: dict[str, float], wrong: list[float]) -> None:
+    """k1 and k3, per sequence and per token, within 4.5 exact standard errors of the exact KL, and
+    every value in ``wrong`` (per sequence) more than 10 standard errors from it."""
+    assert est.sequences == len(SMALL_PROMPTS) * SMALL_SAMPLES
+    assert exact["check_k3"] == pytest.approx(exact["seq"], rel=1e-9)  # E[k3] = KL, token by token
+    assert abs(est.per_sequence_k1 - exact["seq"]) < 4.5 * exact["seq_k1_se"]
+    assert abs(est.per_sequence_k3 - exact["seq"]) < 4.5 * exact["seq_k3_se"]
+    assert abs(est.per_token_k1 - exact["tok"]) < 4.5 * exact["tok_k1_se"]
+    assert abs(est.per_token_k3 - exact["tok"]) < 4.5 * exact["tok_k3_se"]
+    # the reported standard error is the estimator's own (k3's heavy tail makes its sample s.e. erratic)
+    assert est.per_sequence_k1_se == pytest.approx(exact["seq_k1_se"], rel=0.15)
+    for other in wrong:
+        assert abs(other - exact["seq"]) > 10 * max(exact["seq_k1_se"], exact["seq_k3_se"])
+
+
+def test_kl_estimates_match_the_exact_kl_in_both_directions(small_engines):
+    a, b = small_engines
+    sampling = Sampling(SMALL_SAMPLES, 1.0, 1.0, seed=0)
+    ab = exact_kl(a, b, SMALL_PROMPTS, SMALL_SAMPLES, 1.0)
+    ba = exact_kl(b, a, SMALL_PROMPTS, SMALL_SAMPLES, 1.0)
+    # samples come from the first engine: kl_drift(A, B) is KL(A || B), never KL(B || A)
+    assert_estimates(kl_drift(a, b, SMALL_PROMPTS, SMALL_NEW, sampling, batch_size=500), ab, [ba["seq"]])
+    assert_estimates(kl_drift(b, a, SMALL_PROMPTS, SMALL_NEW, sampling, batch_size=500), ba, [ab["seq"]])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_kl_at_a_temperature_is_the_kl_of_the_tempered_distributions(small_engines, temperature):
+    a, b = small_engines
+    exact = exact_kl(a, b, SMALL_PROMPTS, SMALL_SAMPLES, temperature)
+    sampling = Sampling(SMALL_SAMPLES, temperature, 1.0, seed=1)
+    est = kl_drift(a, b, SMALL_PROMPTS, SMALL_NEW, sampling, batch_size=500)
+    # wrong: the KL at T = 1; at T = 2 also tempered samples scored by the untempered models (at T = 0.5
+    # that value happens to lie within 1 standard error of the right one)
+    wrong = [exact_kl(a, b, SMALL_PROMPTS, SMALL_SAMPLES, 1.0)["seq"]]
+    assert_estimates(est, exact, wrong + ([exact["seq_untempered"]] if temperature > 1 else []))
+
+
+def test_completion_logprobs_read_token_t_from_the_logits_at_t_minus_1(small_engines):
+    """Teacher forcing in a left-padded batch (prompts and completions of different lengths) gives each
+    completion token the log-prob its prefix predicts, as one unpadded forward per prefix does; the
+    logits one position late or early give clearly different values, so a shift cannot pass."""
+    a, _ = small_engines
+    items = [
+        Scored(0, [3, 4, 5], [6, 7, 3, 1]),
+        Scored(1, [7], [4]),
+        Scored(2, [5, 5], [0, 6, 2]),  # pad and unk are ordinary tokens inside a completion
+    ]
+    for temperature in (1.0, 0.5):
+
+        def at(seq: list[int], t: int, prefix: int, temperature: float = temperature) -> float:
+            """log p(seq[t]) from the logits after seq[:prefix]."""
+            return float(next_token_logprobs(a, [seq[:prefix]], temperature)[0, seq[t]])
+
+        got = completion_logprobs(a.model, items, a.pad_id, temperature, batch_size=3)
+        late, early = [], []
+        for it, lp in zip(items, got, strict=True):
+            seq = it.prompt_ids + it.completion_ids
+            positions = range(len(it.prompt_ids), len(seq))
+            assert lp.dtype == torch.float64 and lp.shape == (len(it.completion_ids),)
+            assert lp.tolist() == pytest.approx([at(seq, t, t) for t in positions], abs=1e-5)
+            late += [abs(at(seq, t, t + 1) - at(seq, t, t)) for t in positions]
+            early += [abs(at(seq, t, t - 1) - at(seq, t, t)) for t in positions if t > 1]
+        assert max(late) > 0.1 and max(early) > 0.1
 
 
 # -- interpolation -------------------------------------------------------------------------------

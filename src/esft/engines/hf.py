@@ -3,7 +3,9 @@
 Runs on CPU or CUDA in float32, bfloat16 or float16 (``auto``: the hardware's fastest native dtype,
 ``esft/dtypes.py``). Greedy decoding; sampling settings from the
 model's ``generation_config`` (temperature, top-p, repetition penalty) are overridden, so what ES scores
-is the deterministic argmax completion.
+is the deterministic argmax completion. Sampled decoding (evaluation, KL) draws from softmax(logits / T)
+cut only by the caller's top-p: the config's other truncations (top-k, min-p, typical-p, epsilon and
+eta cutoffs, top-h) are switched off too.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ class HFEngine:
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id
+        # the truncating warpers this transformers knows, off for sampling (top_k is off for all calls)
+        self._no_truncation = {
+            k: None
+            for k in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+            if hasattr(gen_cfg, k)
+        }
 
     # -- protocol ---------------------------------------------------------------------------------
 
@@ -169,6 +177,7 @@ class HFEngine:
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
                 "num_return_sequences": sampling.samples,
+                **self._no_truncation,
             }
         seqs = self.model.generate(
             **enc,
