@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from esft.cli import main
 
@@ -118,6 +118,48 @@ def test_replay_reproduces_checkpoint(straight_run, capsys):
     a = weights(straight_run / "checkpoints" / "iter-000002")
     b = weights(straight_run / "replay" / "iter-000002")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replay_without_its_checkpoint_checks_an_earlier_one_or_says_it_cannot(
+    straight_run, tmp_path, capsys
+):
+    """Iteration 3 has no checkpoint (every 2): replay checks checkpoint 2, which it passes on its way, and
+    finds a checkpoint 2 the seed log does not give. With no checkpoint at or before 3 the weights are
+    still written, but one line says that nothing checked them, and the exit status is 3."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    ckpt2 = run / "checkpoints" / "iter-000002"
+    replay3 = ["replay", "--run", str(run), "--iteration", "3", "--quiet"]
+    capsys.readouterr()
+    assert main(replay3) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"matches checkpoint {ckpt2} (iteration 2, the newest before 3, which has none): bit-identical" in out
+    )
+    rebuilt = weights(run / "replay" / "iter-000003")
+    for other in (ckpt2, run / "checkpoints" / "iter-000004"):  # iteration 3 is neither 2 nor 4
+        assert any(not torch.equal(v, weights(other)[k]) for k, v in rebuilt.items())
+
+    tensors = weights(ckpt2)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] += 0.5
+    save_file(tensors, str(ckpt2 / "model.safetensors"), metadata={"format": "pt"})
+    assert main(replay3) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"DIFFERS from checkpoint {ckpt2} (iteration 2, the newest before 3, which has none): max abs" in out
+    )
+
+    shutil.rmtree(ckpt2)
+    assert main([*replay3, "--output", str(tmp_path / "unchecked")]) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "NOT VERIFIED" in line or "matches" in line or "DIFFERS" in line] == [
+        "NOT VERIFIED: the run has no checkpoint at or before iteration 3 to compare the replay with "
+        "(its checkpoints: 4; replaying to one of them checks the seed log)"
+    ]
+    assert all(torch.equal(v, rebuilt[k]) for k, v in weights(tmp_path / "unchecked").items())
+    assert main(["replay", "--run", str(run), "--iteration", "4", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
 
 
 def test_eval_writes_per_sample_results(straight_run, tmp_path, capsys):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import missing_dependency
 from safetensors.torch import load_file
 
 from esft import cli, trainer
 from esft.cli import main
+from esft.runstore import RunStore
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 COMMON = ["--task", "conciseness", "--population", "4", "--sigma", "0.05", "--alpha", "0.05",
@@ -37,9 +39,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def needs_ray():
     if not HAVE_RAY:
-        if os.environ.get("CI"):
-            pytest.fail("ray is missing in CI: .ci/run must pip install -e '.[ray]'")
-        pytest.skip("needs Ray: pip install -e '.[ray]'")
+        missing_dependency("ray", ".ci/run must pip install -e '.[ray]'", "pip install -e '.[ray]'")
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,16 @@ def rows(path: Path) -> list[dict]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Bit-identical final weights, the same seed log (members, rewards, weights) and member rewards."""
+    """Bit-identical final weights, which training moved away from the base model's (every matrix:
+    all noise schemes train them), the same seed log (members, rewards, weights) and member rewards."""
     wa, wb = weights(a), weights(b)
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    base = load_file(str(Path(RunStore(a).read_config()["model_path"]) / "model.safetensors"))
+    assert set(base) == set(wa)
+    matrices = [k for k, v in base.items() if v.ndim == 2]
+    assert matrices and all(not torch.equal(base[k].to(wa[k].dtype), wa[k]) for k in matrices), [
+        k for k in matrices if torch.equal(base[k].to(wa[k].dtype), wa[k])
+    ]
     assert rows(a / "seedlog.jsonl") == rows(b / "seedlog.jsonl")
     assert [m["member_rewards"] for m in rows(a / "metrics.jsonl")] == [
         m["member_rewards"] for m in rows(b / "metrics.jsonl")
@@ -156,7 +163,7 @@ def single_lowrank(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("noise", ["independent", "lowrank"])
 def test_two_workers_give_the_single_process_run(
-    needs_ray, tiny_model, noise, request, tmp_path, monkeypatch
+    needs_ray, tiny_model, noise, request, tmp_path, monkeypatch, capsys
 ):
     """--workers 2 starts a local cluster, spreads the members (low-rank: population batches of
     batch_size // prompts members) and ends with the same bits, seed log, rewards and evaluation; the
@@ -178,7 +185,10 @@ def test_two_workers_give_the_single_process_run(
     assert strip == [{k: v for k, v in e.items() if k != "examples"} for e in rows(out / "eval.jsonl")]
     env_single = json.loads((single / "environment.json").read_text())
     assert json.loads((out / "environment.json").read_text()) == env_single
-    assert main(["replay", "--run", str(out), "--iteration", "3", "--quiet"]) == 0
+    capsys.readouterr()  # the replay of the final iteration is checked against its checkpoint, bit for bit
+    assert main(["replay", "--run", str(out), "--iteration", str(ITERATIONS), "--quiet"]) == 0
+    checkpoint = out / "checkpoints" / f"iter-{ITERATIONS:06d}"
+    assert f"matches checkpoint {checkpoint}: bit-identical" in capsys.readouterr().out
 
 
 def test_worker_killed_mid_iteration(ray_cluster, tiny_model, single, tmp_path, monkeypatch, capsys):

@@ -24,6 +24,7 @@ from esft.errors import ConfigError, EsftError
 from esft.tasks import parse_task_options
 
 QUICKSTART = files("esft") / "configs" / "quickstart.yaml"
+REPLAY_UNVERIFIED = 3  # esft replay wrote the weights, but the run has no checkpoint to check them against
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -296,26 +297,52 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from esft.runstore import RunStore
 
     store = RunStore(args.run)
+    target = args.iteration
+    # The replay is checked against the checkpoint of the iteration, else against the newest checkpoint
+    # before it, which the replay passes on its way (checkpoints are a cache: replay rebuilds dropped
+    # ones). With none at or before it, nothing is checked: say so and exit 3 (REPLAY_UNVERIFIED).
+    checkpoints = store.checkpoints()
+    check_at = max((t for t in checkpoints if t <= target), default=None)
+    result: dict[str, tuple[bool, float]] = {}
+
+    def check(t: int, engine: Any) -> None:
+        if t == check_at:
+            result["compared"] = compare_weights(engine.parameters(), checkpoints[t])
+
     engine, _ = replay(
         args.run,
-        args.iteration,
+        target,
         progress=not args.quiet,
         allow_environment_change=args.allow_environment_change,
+        after=check,
     )
-    out = Path(args.output) if args.output else store.root / "replay" / f"iter-{args.iteration:06d}"
+    out = Path(args.output) if args.output else store.root / "replay" / f"iter-{target:06d}"
     engine.save(out)
-    print(f"replayed iteration {args.iteration} from the base model and the seed log: {out}")
-    ckpt = store.checkpoints().get(args.iteration)
-    if ckpt is None:
-        return 0
-    same, diff = compare_weights(engine.parameters(), ckpt)
+    print(f"replayed iteration {target} from the base model and the seed log: {out}")
+    if check_at is None:
+        later = ", ".join(str(t) for t in checkpoints)
+        hint = (
+            f"its checkpoints: {later}; replaying to one of them checks the seed log"
+            if later
+            else "it has none"
+        )
+        print(
+            f"NOT VERIFIED: the run has no checkpoint at or before iteration {target} to compare the replay "
+            f"with ({hint})"
+        )
+        return REPLAY_UNVERIFIED
+    ckpt = checkpoints[check_at]
+    where = (
+        "" if check_at == target else f" (iteration {check_at}, the newest before {target}, which has none)"
+    )
+    same, diff = result["compared"]
     if same:
-        print(f"matches checkpoint {ckpt}: bit-identical")
+        print(f"matches checkpoint {ckpt}{where}: bit-identical")
         return 0
     why = (
         "different tensor names, shapes or dtypes" if diff == float("inf") else f"max abs difference {diff:g}"
     )
-    print(f"DIFFERS from checkpoint {ckpt}: {why}")
+    print(f"DIFFERS from checkpoint {ckpt}{where}: {why}")
     return 1
 
 
@@ -472,7 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cli.add_parser(sub)
 
-    p = sub.add_parser("replay", help="rebuild an iteration's weights from the base model and the seed log")
+    p = sub.add_parser(
+        "replay",
+        help="rebuild an iteration's weights from the base model and the seed log",
+        description=(
+            "Rebuild iteration T's weights from the base model and the seed log, and check them bit for bit "
+            "against the run's checkpoint of T or, when T has none (checkpoints are a cache), against the "
+            "newest checkpoint before T, which the replay passes on its way. Exit status: 0 bit-identical, "
+            f"1 differs, 2 error, {REPLAY_UNVERIFIED} weights written but not verified (the run has no "
+            "checkpoint at or before T)."
+        ),
+    )
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument(
         "--allow-environment-change",

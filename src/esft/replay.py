@@ -7,6 +7,7 @@ bit (same device type and dtype), which makes an ES fine-tune describable in kil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,11 +24,17 @@ from esft.trainer import apply_seedlog, es_params
 
 
 def replay(
-    run_dir: str | Path, iteration: int, progress: bool = True, allow_environment_change: bool = False
+    run_dir: str | Path,
+    iteration: int,
+    progress: bool = True,
+    allow_environment_change: bool = False,
+    after: Callable[[int, Engine], None] | None = None,
 ) -> tuple[Engine, ESConfig]:
     """An engine holding the weights of ``iteration`` of the run in ``run_dir``, rebuilt from the base.
     Refuses (one-line ConfigError) if the device, dtype, torch version, GPU or base weights differ from
-    the run's ``environment.json``, unless ``allow_environment_change``."""
+    the run's ``environment.json``, unless ``allow_environment_change``. ``after(t, engine)`` is called
+    with the weights of every iteration t = 0..``iteration`` on the way (to check one against its
+    checkpoint)."""
     store = RunStore(run_dir)
     saved = store.read_config()
     config = ESConfig.from_dict(
@@ -48,8 +55,12 @@ def replay(
         now = environment.describe(engine, "hf", model_path)
         environment.check(environment.read(store.root), now, environment.REPLAY_CHECKED, "esft replay")
     params = es_params(engine, config.freeze, config.noise, config.rank, config.update_precision)
-    for entry in tqdm(log[:iteration], desc="replay", unit="it", disable=not progress):
+    if after is not None:
+        after(0, engine)
+    for t, entry in enumerate(tqdm(log[:iteration], desc="replay", unit="it", disable=not progress), 1):
         apply_seedlog(params, [entry])
+        if after is not None:
+            after(t, engine)
     return engine, config
 
 
