@@ -14,7 +14,7 @@ import pytest
 # and Ray workers inherit it.
 os.environ["ESFT_CPU_FLAGS"] = ""
 
-from helpers import CHAT_TEMPLATE, build_tiny_model  # noqa: F401  (tests import them from here)
+from helpers import CHAT_TEMPLATE, build_tiny_model, missing_dependency  # noqa: F401  (tests import them from here)
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,6 @@ def tiny_model(tmp_path_factory) -> Path:
 def needs_bwrap():
     """Model-written code runs only under bubblewrap: skip without it, except in CI (which installs it)."""
     if shutil.which("bwrap") is None:
-        if os.environ.get("CI"):
-            pytest.fail("bubblewrap (bwrap) is missing in CI: .ci/run must apt-get install bubblewrap")
-        pytest.skip("needs bubblewrap (apt-get install bubblewrap)")
+        missing_dependency(
+            "bubblewrap (bwrap)", ".ci/run must apt-get install bubblewrap", "apt-get install bubblewrap"
+        )

@@ -1,11 +1,15 @@
 """Test helpers that need no pytest, so ``benchmarks/gpu_check.py`` can use them on a machine without it:
-a randomly initialised Qwen2-style model with a byte-level BPE tokenizer built in-process (no hub), and
-a small set of named tensors for the ES core's tests."""
+a randomly initialised Qwen2-style model with a byte-level BPE tokenizer built in-process (no hub), a
+small set of named tensors for the ES core's tests, and the one rule for a missing optional dependency
+(skip, but fail in CI; these import pytest when called)."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -88,3 +92,23 @@ def make_params(dtype, device="cpu"):
         "c.bias": torch.randn(17, generator=g).to(dtype),
     }
     return {k: v.to(device) for k, v in params.items()}
+
+
+def missing_dependency(what: str, ci_fix: str, install: str, module_level: bool = False) -> NoReturn:
+    """Skip the test (or, with ``module_level``, the module) that needs ``what``; in CI (environment
+    variable CI set), which installs every dependency, fail instead, saying what CI must do (``ci_fix``),
+    so that a broken install cannot pass as skipped tests."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing in CI: {ci_fix}", pytrace=False)
+    pytest.skip(f"needs {what} ({install})", allow_module_level=module_level)
+
+
+def import_or_skip(module: str, ci_fix: str, install: str) -> ModuleType:
+    """``pytest.importorskip(module)`` at module level, except that in CI a failing import fails."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        error = f"{type(e).__name__}: {e}"
+    missing_dependency(f"{module} ({error})", ci_fix, install, module_level=True)

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import import_or_skip
 from safetensors.torch import load_file
 
 from esft.cli import main
 
-pytest.importorskip("trl")
+import_or_skip("trl", "install esft with the dev (or grpo) extra", "pip install -e '.[grpo]'")
 
 COMMON = ["--task", "conciseness", "--group-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-3",
           "--seed", "1", "--quiet"]  # fmt: skip

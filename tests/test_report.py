@@ -20,11 +20,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import missing_dependency
 
 if importlib.util.find_spec("matplotlib") is None:  # the report's one extra dependency
-    if os.environ.get("CI"):
-        pytest.fail("matplotlib is missing in CI: install esft with the dev (or report) extra", pytrace=False)
-    pytest.skip("esft report needs matplotlib: pip install -e '.[report]'", allow_module_level=True)
+    missing_dependency(
+        "matplotlib",
+        "install esft with the dev (or report) extra",
+        "pip install -e '.[report]'",
+        module_level=True,
+    )
 
 from PIL import Image  # Pillow comes with matplotlib
 
@@ -454,9 +458,7 @@ def test_report_without_analyses_skips_plots_and_says_why(runs, tmp_path, capsys
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI: .ci/run must apt-get install chromium")
-        pytest.skip("needs chromium (apt-get install chromium)")
+        missing_dependency("chromium", ".ci/run must apt-get install chromium", "apt-get install chromium")
     return path
 
 

@@ -9,11 +9,14 @@ import logging
 import math
 
 import pytest
+from helpers import import_or_skip
 
 from esft.es.shaping import centered_rank, zscore
 from esft.tasks.base import RewardPart, Task, TrainerState
 
-trl_rewards = pytest.importorskip("trl.rewards")
+trl_rewards = import_or_skip(
+    "trl.rewards", "install esft with the dev (or grpo) extra", "pip install -e '.[grpo]'"
+)
 
 ROWS = [
     {"prompt": [{"role": "user", "content": "What is 1/3 + 0?"}], "solution": r"$\frac{1}{3}$"},
