@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from esft import sandbox, seccomp
-from esft.sandbox import Limits, SandboxPool, SandboxResult
+from esft import sandbox
+from esft.sandbox import Limits, SandboxPool, SandboxResult, seccomp
 from esft.tasks import arc, rgym
 
 pytestmark = pytest.mark.usefixtures("needs_bwrap")
@@ -191,7 +191,7 @@ def test_the_kernel_refuses_what_the_filter_would_let_through(one, monkeypatch):
     """PID 1 keeps real and saved uid 0: even without the filter's self-only checks, the kernel
     refuses a job's prlimit on PID 1 (its uids differ)."""
     build = seccomp.build_filter
-    monkeypatch.setattr(sandbox.seccomp, "build_filter", lambda: build(self_only=False))
+    monkeypatch.setattr(sandbox.box.seccomp, "build_filter", lambda: build(self_only=False))
     result = run(
         one, "import resource\ndef transform(g):\n    resource.prlimit(1, resource.RLIMIT_NOFILE, (4, 4))\n"
     )
@@ -205,17 +205,17 @@ def test_a_job_the_sandbox_failed_runs_again_in_a_fresh_one(one):
     preparation breaks every sandbox)."""
     one.prepare("import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n")
     pids = []
-    real = sandbox._Sandbox.run
+    real = sandbox.box._Sandbox.run
 
     def spy(self, *a, **k):
         pids.append(self.pid1)
         return real(self, *a, **k)
 
-    sandbox._Sandbox.run = spy
+    sandbox.box._Sandbox.run = spy
     try:
         result = run(one, FLIP)
     finally:
-        sandbox._Sandbox.run = real
+        sandbox.box._Sandbox.run = real
     assert not result.ok and result.error.startswith("job set-up failed: ValueError"), result
     assert len(set(pids)) == 2 and all_gone(pids)
 

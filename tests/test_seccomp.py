@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from esft import seccomp
+from esft.sandbox import seccomp
 
 ARCH = seccomp.AUDIT_ARCH_X86_64
 

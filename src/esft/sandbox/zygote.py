@@ -1,8 +1,9 @@
 """The program that runs inside the bubblewrap sandbox (standard library only; never imported by esft).
 
 :mod:`esft.sandbox` starts it as ``python -I -S -c <this file's source>`` as PID 1 of the sandbox's
-PID namespace. It runs only code the host sends (never model text) and forks one process per job; the
-model's code runs in that process, after the job's limits are in place:
+PID namespace (:mod:`esft.sandbox.command` reads this file as text). It runs only code the host sends
+(never model text) and forks one process per job; the model's code runs in that process, after the
+job's limits are in place:
 
 1. Start: read the settings frame, extend ``sys.path`` by the bound package folders, drop to the
    unprivileged uid/gid if started as root (which clears every capability) and re-arm the
@@ -12,7 +13,7 @@ model's code runs in that process, after the job's limits are in place:
 3. ``run`` frames: fork. The job process points stdin/stdout/stderr at /dev/null, closes every other
    descriptor but its result pipe, enters an empty work folder, sets rlimits (CPU seconds, address
    space, file size, open files, no processes, no core), installs the seccomp filter
-   (:mod:`esft.seccomp`), writes one ``+`` to its result pipe (set-up done: anything before it
+   (:mod:`esft.sandbox.seccomp`), writes one ``+`` to its result pipe (set-up done: anything before it
    failing is the sandbox's fault, not the model's), then execs ``code`` (if any) in a copy of the
    shared namespace and calls ``func(*args)``. Its result is one JSON document after the ``+``.
    This process reads at most ``max_output`` bytes of it, kills the job at its wall-clock deadline
@@ -39,7 +40,7 @@ import struct
 import sys
 import time
 
-WORK_ROOT = "/esft-work"  # esft.sandbox.WORK
+WORK_ROOT = "/esft-work"  # esft.sandbox.WORK (esft.sandbox.config)
 
 
 def read_frame(stream):

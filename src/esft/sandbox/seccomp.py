@@ -1,6 +1,6 @@
 """A seccomp-BPF filter for model-written code: the system calls honest Python never needs fail.
 
-Pure function of the architecture; :mod:`esft.sandbox_zygote` installs the bytes in each job's process
+Pure function of the architecture; :mod:`esft.sandbox.zygote` installs the bytes in each job's process
 (after ``fork``, before the model's code runs; ``PR_SET_NO_NEW_PRIVS`` first, as the kernel requires).
 A filter cannot be removed once installed, by the process or by anything it starts.
 
