@@ -754,19 +754,35 @@ def test_cli_forgetting_sequential_and_passk(models, tmp_path, capsys):
         analysis_cli.run(parse(["passk", str(run_a), "--samples", "2", "--limit", "1", "--quiet"]))
 
 
-def test_analysis_never_imports_the_trainers():
-    """No module of esft.analysis imports a trainer (or the main CLI, which imports them)."""
-    import ast
+def test_a_runs_checkpoint_and_task_are_found_once_for_analyze_and_eval(tmp_path):
+    """``sources.run_checkpoint`` and ``sources.build_task`` serve ``esft analyze`` and ``esft eval``."""
+    from esft.analysis.sources import build_task, run_checkpoint
 
-    import esft.analysis
+    store = RunStore(tmp_path / "run")
+    store.write_config({"task": "conciseness", "reward_weights": [2.0], "max_new_tokens": 7})
+    with pytest.raises(ConfigError) as e:
+        run_checkpoint(store)
+    assert str(e.value) == f"{store.root} has no checkpoints yet"
+    for it in (2, 4):
+        store.save_checkpoint(it, lambda folder: None, {})
+    assert run_checkpoint(store) == (4, store.checkpoint_dir(4))
+    assert run_checkpoint(store, 2) == (2, store.checkpoint_dir(2))
+    with pytest.raises(ConfigError) as e:
+        run_checkpoint(store, 3)
+    assert str(e.value) == f"{store.root} has no checkpoint 3; available: 2, 4"
+    with pytest.raises(ConfigError) as e:
+        run_checkpoint(store, 3, zero_is_base=True)
+    assert str(e.value) == f"{store.root} has no checkpoint 3; available: 2, 4 (0 = the base)"
 
-    forbidden = {"esft.trainer", "esft.grpo", "esft.cli"}
-    for path in Path(esft.analysis.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-            elif isinstance(node, ast.Import):
-                names = {a.name for a in node.names}
-            else:
-                continue
-            assert not names & forbidden, f"{path.name} imports {names & forbidden}"
+    config = store.read_config()
+    task = build_task(None, [config])  # the run's task, weights and completion limit
+    assert (task.name, [p.weight for p in task.rewards], task.max_new_tokens) == ("conciseness", [2.0], 7)
+    assert [p.weight for p in build_task("conciseness", [config], reward_weights=[3.0]).rewards] == [3.0]
+    rewards = tmp_path / "r.py"
+    rewards.write_text("def one(completions, **kw):\n    return [1.0] * len(completions)\n")
+    own = build_task(None, [config], reward=[f"{rewards}:one"])  # --reward replaces rewards and weights
+    assert [(p.name, p.weight) for p in own.rewards] == [("one", 1.0)]
+    other = build_task("countdown", [config])  # another task: nothing of the run's
+    assert other.max_new_tokens == load_task("countdown").max_new_tokens
+    with pytest.raises(ConfigError, match="--task is required"):
+        build_task(None, [{}])

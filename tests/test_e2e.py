@@ -171,6 +171,20 @@ def test_eval_writes_per_sample_results(straight_run, tmp_path, capsys):
     assert "normalized_reward" in capsys.readouterr().out
 
 
+def test_eval_of_a_missing_checkpoint_or_a_non_run_is_a_one_line_error(straight_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(straight_run), "--checkpoint", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"esft: error: {straight_run} has no checkpoint 3; available: 2, 4\n"  # no "0 = the base"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(straight_run / "config.yaml", empty / "config.yaml")
+    assert main(["eval", "--run", str(empty), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"esft: error: {empty} has no checkpoints yet\n"
+    assert main(["eval", "--run", str(tmp_path), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"esft: error: {tmp_path} is not an esft run folder (no config.yaml)\n"
+
+
 def test_freeze_keeps_matching_parameters(tiny_model, tmp_path):
     assert (
         train(tiny_model, tmp_path / "frozen", 1, "--freeze", "*embed_tokens*", "--freeze", "lm_head*") == 0

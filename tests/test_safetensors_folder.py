@@ -1,4 +1,4 @@
-"""Checkpoint folders read tensor by tensor, and the weight comparison `esft replay` prints."""
+"""Safetensors model folders read tensor by tensor, and the weight comparison `esft replay` prints."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from esft.checkpoint import iter_tensors, safetensors_files, tensor_names
 from esft.replay import compare_weights
+from esft.safetensors_folder import iter_tensors, safetensors_files, tensor_names
 
 
 def weights() -> dict[str, torch.Tensor]:

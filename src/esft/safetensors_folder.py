@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint folders read tensor by tensor (safetensors), without building a model."""
+"""Hugging Face model folders (safetensors, one file or sharded) read tensor by tensor, without building a
+model. Run checkpoints are such folders too; ``runstore.py`` writes and lists them."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from esft.analysis import report, sources
-from esft.analysis.report import fmt, table
+from esft.analysis import sources, tables
+from esft.analysis.tables import fmt, table
 from esft.errors import ConfigError
 from esft.tasks import parse_task_options
 
@@ -177,7 +177,7 @@ def _max_new(args: argparse.Namespace, task: Any) -> int:
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
-    report.write_json(path, data)
+    tables.write_json(path, data)
     print(f"\nwrote {path}")
 
 

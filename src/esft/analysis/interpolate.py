@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from esft.analysis.kl import KLEstimate, completion_logprobs, kl_estimate, sample_completions
 from esft.analysis.tensors import load_weights
-from esft.checkpoint import iter_tensors, tensor_names
 from esft.engines.base import Sampling
 from esft.errors import ConfigError
 from esft.evaluate import evaluate
+from esft.safetensors_folder import iter_tensors, tensor_names
 from esft.tasks.base import Task
 
 

@@ -41,21 +41,32 @@ def _run_base(store: RunStore, config: dict[str, Any]) -> str:
     return str(base)
 
 
+def run_checkpoint(
+    store: RunStore, iteration: int | None = None, zero_is_base: bool = False
+) -> tuple[int, Path]:
+    """(iteration, folder) of checkpoint ``iteration`` of the run (its newest when None), for
+    ``esft analyze`` and ``esft eval``. A run without checkpoints, or without that one, is a one-line
+    ConfigError listing those it has; ``zero_is_base`` (the caller takes 0 as the base) adds that hint."""
+    ckpts = store.checkpoints()
+    if not ckpts:
+        raise ConfigError(f"{store.root} has no checkpoints yet")
+    it = max(ckpts) if iteration is None else iteration
+    if it not in ckpts:
+        hint = " (0 = the base)" if zero_is_base else ""
+        raise ConfigError(
+            f"{store.root} has no checkpoint {it}; available: {', '.join(map(str, ckpts))}{hint}"
+        )
+    return it, ckpts[it]
+
+
 def _from_run(spec: str, store: RunStore, iteration: int | None) -> ModelRef:
     config = store.read_config()
     base = _run_base(store, config)
     name = store.root.resolve().name
     if iteration == 0:
         return ModelRef(spec, base, f"{name}@0", store, 0, base, config)
-    ckpts = store.checkpoints()
-    if not ckpts:
-        raise ConfigError(f"{store.root} has no checkpoints yet")
-    it = max(ckpts) if iteration is None else iteration
-    if it not in ckpts:
-        raise ConfigError(
-            f"{store.root} has no checkpoint {it}; available: {', '.join(map(str, ckpts))} (0 = the base)"
-        )
-    return ModelRef(spec, str(ckpts[it]), f"{name}@{it}", store, it, base, config)
+    it, folder = run_checkpoint(store, iteration, zero_is_base=True)
+    return ModelRef(spec, str(folder), f"{name}@{it}", store, it, base, config)
 
 
 def resolve(spec: str, checkpoint: int | None = None) -> ModelRef:
@@ -118,9 +129,17 @@ def same_model(a: str, b: str) -> bool:
         return a == b
 
 
-def build_task(name: str | None, configs: list[dict[str, Any]], options: dict[str, Any] | None = None):
+def build_task(
+    name: str | None,
+    configs: list[dict[str, Any]],
+    options: dict[str, Any] | None = None,
+    reward: list[str] | None = None,
+    reward_weights: list[float] | None = None,
+):
     """Task ``name`` (default: the first run's task). When ``name`` is a run's task, that run's task
-    options, rewards and ``max_new_tokens`` are used; ``options`` (from --task-option) override them."""
+    options, rewards and ``max_new_tokens`` are used; ``options`` (from --task-option) override them,
+    ``reward`` (from --reward) replaces the run's rewards and ``reward_weights`` (--reward-weights) its
+    weights."""
     from esft.tasks import load_task
 
     if not name:
@@ -129,9 +148,9 @@ def build_task(name: str | None, configs: list[dict[str, Any]], options: dict[st
             raise ConfigError("--task is required (e.g. --task countdown)")
     saved = next((c for c in configs if c.get("task") == name), {})
     task_options = {**dict(saved.get("task_options") or {}), **(options or {})}
-    task = load_task(
-        name, reward=saved.get("reward"), reward_weights=saved.get("reward_weights"), **task_options
-    )
+    if not reward:
+        reward, reward_weights = saved.get("reward"), reward_weights or saved.get("reward_weights")
+    task = load_task(name, reward=reward, reward_weights=reward_weights, **task_options)
     if saved.get("max_new_tokens"):  # the run's completion limit for its own task
         task.max_new_tokens = int(saved["max_new_tokens"])
     return task

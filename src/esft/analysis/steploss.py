@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from esft.analysis.tensors import in_run_dtype
-from esft.checkpoint import iter_tensors
 from esft.es import Member, ParamSet
 from esft.es.params import select_trained
 from esft.es.precision import StepStats
+from esft.safetensors_folder import iter_tensors
 
 
 @dataclass

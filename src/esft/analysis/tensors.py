@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from esft.checkpoint import iter_tensors, tensor_names
 from esft.errors import ConfigError
+from esft.safetensors_folder import iter_tensors, tensor_names
 
 CHUNK = 1 << 22  # values per float32 slice: 16 MB
 

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from esft.analysis.report import write_json
+from esft.analysis.tables import write_json
 from esft.errors import ConfigError
 from esft.report.collect import Analysis, Run, by_kind, group_runs, load_analyses, load_runs
 

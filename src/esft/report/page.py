@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from esft.analysis.report import fmt
+from esft.analysis.tables import fmt
 from esft.report.collect import Group, Run
 from esft.report.plots import Plot
 

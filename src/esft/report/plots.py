@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from esft.analysis.naming import layer_order
-from esft.analysis.report import fmt
+from esft.analysis.tables import fmt
 from esft.report.collect import Analysis, Group, Run, finite, run_for_label
 
 WIDTH = 12.0  # inches; 100 dpi -> 1200 px
