@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from esft.config import ESConfig  # noqa: E402
 from esft.engines import build_engine  # noqa: E402
 from esft.es import iteration_members, shape  # noqa: E402
+from esft.population import engine_options, es_params, score_population  # noqa: E402
 from esft.tasks import load_task  # noqa: E402
 from esft.tasks.base import TrainerState  # noqa: E402
-from esft.trainer import engine_options, es_params, score_population  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import torch
 from helpers import missing_dependency
 from safetensors.torch import load_file
 
-from esft import cli, trainer
+from esft import cli, population
 from esft.cli import main
 from esft.runstore import RunStore
 
@@ -125,7 +125,7 @@ def test_a_worker_is_a_param_set_behind_remote_calls(tiny_model, monkeypatch):
     assert report["device"] == "cpu" and report["task"][0] == "conciseness"
     remote = RemoteParamSet(lambda method, *args: getattr(worker, method)(*args), ["lm_head*"], "independent")
     engine = build_engine("hf", str(tiny_model), dtype="float32", device="cpu", batch_size=4)
-    local = trainer.es_params(engine, ["lm_head*"], "independent")
+    local = population.es_params(engine, ["lm_head*"], "independent")
     assert remote.numel == local.numel and remote.names == list(local.params)
     base = checksums(engine.parameters())
     members = iteration_members(0, 1, 4)
@@ -227,9 +227,9 @@ def test_hung_worker_is_killed_and_replaced(ray_cluster, tiny_model, single, tmp
 
 
 def test_automatic_hang_limit():
-    from esft.distributed.pool import HANG_FACTOR, HANG_FLOOR_S, WorkerPool
+    from esft.distributed.calls import HANG_FACTOR, HANG_FLOOR_S, Calls
 
-    pool = object.__new__(WorkerPool)  # only the limit's arithmetic, no cluster
+    pool = object.__new__(Calls)  # only the limit's arithmetic, no cluster
     pool.worker_timeout, pool.slowest = 0.0, 0.0
     assert pool.hang_limit() is None  # nothing came back yet: no basis for a limit
     pool.slowest = 2.0
@@ -283,6 +283,7 @@ def test_unreachable_cluster_is_a_quick_one_line_error(needs_ray, tiny_model, tm
 def test_pool_copies_a_checkpoint_from_another_node(ray_cluster, tiny_model, tmp_path, monkeypatch):
     """A checkpoint is written by a worker on the driver's node; with none there, it is copied over in
     chunks. Both give the same files."""
+    from esft.distributed import checkpoints
     from esft.distributed import pool as pool_module
     from esft.tasks import load_task
 
@@ -293,7 +294,7 @@ def test_pool_copies_a_checkpoint_from_another_node(ray_cluster, tiny_model, tmp
     try:
         assert all(s.node == pool.driver_node for s in pool.slots)  # one machine: every worker is local
         pool.save(tmp_path / "direct")
-        monkeypatch.setattr(pool_module, "CHUNK_BYTES", 4096)
+        monkeypatch.setattr(checkpoints, "CHUNK_BYTES", 4096)
         pool.driver_node = "another node"
         pool.save(tmp_path / "copied")
     finally:

@@ -9,7 +9,8 @@ on one engine:
       - ``independent`` / ``table`` / ``correlated``: esft's member-by-member iteration with that noise
         (exact restore by copying a pristine tensor);
       - ``lowrank``: all members in one population-batched generation (EGGROLL, rank ``rank``);
-and prints a table of seconds, tokens/s and the ratio of each to the floor (DESIGN.md section 4).
+and prints a table of seconds, tokens/s and the ratio of each to the floor (measured results:
+docs/benchmarks.md, "`esft bench`: one ES iteration against the batched-inference floor").
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Any
 
 from esft.config import BENCH_MODES
 from esft.engines import Engine
+from esft.engines.base import RemoteWeights, batches_population
 from esft.errors import ConfigError
 from esft.es import ParamSet, iteration_members, shape
 from esft.es.params import select_trained
+from esft.population import score_population
 from esft.tasks import Task
-from esft.trainer import score_population
 
 
 def mode_params(
@@ -35,11 +37,11 @@ def mode_params(
     if mode not in BENCH_MODES:
         raise ValueError(f"unknown bench mode {mode!r}; use {', '.join(BENCH_MODES)}")
     if mode == "lowrank":
-        how = "batched" if getattr(engine, "population_batching", False) else "member by member"
+        how = "batched" if batches_population(engine) else "member by member"
         label = f"ES, lowrank r={rank} ({how})"
     else:
         label = "reference (paper code)" if mode == "reference" else f"ES, {mode} noise"
-    if hasattr(engine, "param_set"):  # weights in another process (vLLM)
+    if isinstance(engine, RemoteWeights):  # weights in another process (vLLM)
         if mode == "reference":
             raise ConfigError("the reference mode needs --engine hf (it restores by subtraction in place)")
         return label, engine.param_set(freeze, mode, rank, precision)
@@ -85,8 +87,6 @@ def run_bench(
     ``max_new_tokens`` long (end-of-sequence suppressed, where the engine supports it), so the floor
     and each mode do identical token work and the ratios measure engine cost alone."""
     if fixed_length:
-        if not hasattr(engine, "min_new_tokens"):
-            raise ConfigError("this engine cannot fix the completion length; drop --fixed-length")
         engine.min_new_tokens = max_new_tokens
     rows = task.train[:prompts_per_member]
     if len(rows) < prompts_per_member:

@@ -212,55 +212,33 @@ def print_result(result) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from esft.analysis.sources import build_task, run_checkpoint
     from esft.engines import build_engine
     from esft.evaluate import evaluate, format_summary
     from esft.models import resolve_model
     from esft.runstore import RunStore
-    from esft.tasks import load_task
 
     if args.run and args.model:
         raise ConfigError("give --model or --run, not both")
-    task_name, task_options, reward, engine_name, dtype, device = (
-        args.task,
-        {},
-        args.reward,
-        "hf",
-        "auto",
-        "auto",
-    )
+    saved: dict[str, Any] = {}
     if args.run:
         store = RunStore(args.run)
         saved = store.read_config()
-        ckpts = store.checkpoints()
-        if not ckpts:
-            raise ConfigError(f"{args.run} has no checkpoints yet")
-        step = args.checkpoint if args.checkpoint is not None else max(ckpts)
-        if step not in ckpts:
-            raise ConfigError(f"{args.run} has no checkpoint {step}; available: {', '.join(map(str, ckpts))}")
-        model_path, label = str(ckpts[step]), f"iter-{step:06d}"
-        if task_name in (None, saved.get("task")):
-            task_name, task_options = saved.get("task"), dict(saved.get("task_options") or {})
-            if not reward:
-                reward = saved.get("reward")
-                args.reward_weights = args.reward_weights or saved.get("reward_weights")
-        engine_name, dtype, device = (
-            saved.get("engine", "hf"),
-            saved.get("dtype", "auto"),
-            saved.get("device", "auto"),
-        )
+        step, folder = run_checkpoint(store, args.checkpoint)
+        model_path, label = str(folder), f"iter-{step:06d}"
         if args.max_new_tokens is None:
             args.max_new_tokens = saved.get("max_new_tokens")
     else:
         if args.checkpoint is not None:
             raise ConfigError("--checkpoint needs --run")
         model_path, label = resolve_model(args.model), "model"
-    if not task_name:
-        raise ConfigError("--task is required (e.g. --task countdown)")
-    task_options.update(parse_task_options(args.task_option))
+    task_options = parse_task_options(args.task_option)
     if args.data:
         task_options["data_file"] = args.data
-    task = load_task(task_name, reward=reward, reward_weights=args.reward_weights, **task_options)
-    dtype, device = args.dtype or dtype, args.device or device
+    task_name = args.task or saved.get("task")  # as build_task picks it
+    task = build_task(task_name, [saved], task_options, args.reward, args.reward_weights)
+    engine_name = saved.get("engine", "hf")
+    dtype, device = args.dtype or saved.get("dtype", "auto"), args.device or saved.get("device", "auto")
     engine = build_engine(engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size)
     if args.samples < 1:
         raise ConfigError("--samples must be >= 1")
@@ -350,8 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from esft.bench import format_table, run_bench
     from esft.engines import build_engine
     from esft.models import resolve_model
+    from esft.population import engine_options
     from esft.tasks import load_task
-    from esft.trainer import engine_options
 
     if args.population < 2 or args.prompts_per_member < 1 or args.max_new_tokens < 1 or args.rank < 1:
         raise ConfigError("--population must be >= 2, --prompts-per-member, --max-new-tokens and --rank >= 1")
@@ -389,7 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "update": args.update_precision,
     }
-    reason = getattr(engine, "dtype_reason", "")
+    reason = engine.dtype_reason
     if reason:
         print(f"esft: dtype {info['dtype']} ({reason})")
     print(format_table(results, info))

@@ -98,18 +98,20 @@ def model_fingerprint(model_path: str) -> str:
 def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
     """The environment of a run about to use ``engine`` on ``model_path`` (for a pool of Ray workers,
     the one the workers run in)."""
-    if hasattr(engine, "describe_environment"):
+    from esft.engines.base import DescribesEnvironment
+
+    if isinstance(engine, DescribesEnvironment):
         return engine.describe_environment(engine_name, model_path)
     import torch
 
-    device = getattr(engine, "device", "cpu")
+    device = engine.device
     gpu = None
     if _device_kind(device) == "cuda" and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(str(device)))
     return {
         "device": _device_kind(device),
-        "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
-        "dtype_reason": getattr(engine, "dtype_reason", None),  # --dtype auto's choice (esft/dtypes.py)
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype_reason": engine.dtype_reason or None,  # --dtype auto's choice (esft/dtypes.py)
         "engine": engine_name,
         "torch": torch.__version__,
         "transformers": _version("transformers"),

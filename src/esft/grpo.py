@@ -35,17 +35,16 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
 
-from esft import environment
+from esft import environment, runs
 from esft.config import GRPORunConfig
 from esft.engines.hf import HFEngine, resolve_device
 from esft.errors import ConfigError
 from esft.evaluate import periodic_eval
-from esft.models import resolve_model
 from esft.resources import peak_memory, reset_peak
-from esft.runstore import DiskFullError, RunStore, is_disk_full
+from esft.runs import TrainResult
+from esft.runstore import RunStore
 from esft.tasks import Task, load_task
 from esft.tasks.base import Scores, TrainerState, completion_text
-from esft.trainer import TrainResult, check_resumable
 
 TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
 
@@ -225,51 +224,31 @@ class GRPORun:
         self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
         output = config.output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.task}-grpo"
         self.store = RunStore(output)
-        self.store.lock()
-        try:
-            if resume:
-                self.state_dir = self._resume_point()
-            elif self.store.exists() or self.store.metrics_path.exists():
-                raise ConfigError(
-                    f"{self.store.root} already holds a run; pass --resume to continue it or choose "
-                    "another --output"
-                )
-            if not self.task.train:
-                raise ConfigError(f"task {self.task.name!r} has an empty train split")
-            self.model_path = resolve_model(config.model)
-        except BaseException:
-            self.store.unlock()
-            raise
+        self._log = runs.console(progress)
+        self.state_dir: Path | None = None  # the TRL training state --resume continues from
+        self.model_path = runs.claim(
+            self.store, config, "grpo", self.task, resume, self.store.metrics_path, self._find_resume_point
+        )
 
-    def _resume_point(self) -> Path:
-        """The newest TRL training state of the run in --output (checked against its settings)."""
-        store = self.store
-        check_resumable(store, self.config, "grpo")
-        states = training_states(store.root)
+    def _find_resume_point(self) -> None:
+        """The newest TRL training state of the run in --output (its settings are checked by claim)."""
+        states = training_states(self.store.root)
         if not states:
             raise ConfigError(
-                f"--resume: {store.root} holds no GRPO training state to continue from (TRL saves it every "
-                "--checkpoint-every steps, and this run saved none); start a new run"
+                f"--resume: {self.store.root} holds no GRPO training state to continue from (TRL saves it "
+                "every --checkpoint-every steps, and this run saved none); start a new run"
             )
-        return states[max(states)]
-
-    def _log(self, msg: str) -> None:
-        if self.progress:
-            tqdm.write(msg)
+        self.state_dir = states[max(states)]
 
     def train(self) -> TrainResult:
-        try:
-            return self._train()
-        except Exception as e:
-            if is_disk_full(e):
-                ckpts = self.store.checkpoints()
-                raise DiskFullError(
-                    f"no space left on the disk of {self.store.root} (newest checkpoint "
-                    f"{max(ckpts) if ckpts else 'none'}); free space or lower --keep-checkpoints"
-                ) from None
-            raise
-        finally:
-            self.store.unlock()
+        return runs.run_training(self.store, self._train, self._disk_full_message)
+
+    def _disk_full_message(self) -> str:
+        ckpts = self.store.checkpoints()
+        return (
+            f"no space left on the disk of {self.store.root} (newest checkpoint "
+            f"{max(ckpts) if ckpts else 'none'}); free space or lower --keep-checkpoints"
+        )
 
     def _train(self) -> TrainResult:
         from datasets import Dataset
@@ -445,18 +424,15 @@ class _RunFolderCallback(TrainerCallback):
         self.samples += n
         self.tokens += tokens
         metrics = grpo_metrics(step, self.samples, self.tokens, logs, summary, n, failures, seconds)
-        self.run.store.append_metrics(metrics)
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and k != "iteration" and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
+        runs.record(self.run.store, self.tb, metrics, step)
         self.bar.update(1)
         self.run._log(grpo_line(metrics, self.steps))
         self.last_step = step
         cfg = self.run.config
         final = step >= self.steps
-        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if runs.due(step, cfg.checkpoint_every, final):
             self.run._checkpoint(self.engine, step)
-        if cfg.eval_every and (final or step % cfg.eval_every == 0):
+        if cfg.eval_every and runs.due(step, cfg.eval_every, final):
             self.run._evaluate(self.engine, step, self.tb)
         if final and cfg.budget_samples and self.samples >= cfg.budget_samples:
             self.run._log(

@@ -14,13 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from esft import environment
-from esft.checkpoint import iter_tensors, tensor_names
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
 from esft.models import resolve_model
+from esft.population import apply_seedlog, es_params
 from esft.runstore import RunStore
-from esft.trainer import apply_seedlog, es_params
+from esft.safetensors_folder import iter_tensors, tensor_names
 
 
 def replay(

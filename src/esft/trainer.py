@@ -14,179 +14,33 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from esft import distributed, environment
+from esft import distributed, environment, runs
 from esft.config import ESConfig
-from esft.engines import Engine, Generation, build_engine
+from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
-from esft.es import Member, NoiseScheme, ParamSet, UpdateStats, iteration_members, shape
-from esft.es.params import MASTER_FILE, require_state, select_trained
+from esft.es import ParamSet, UpdateStats, iteration_members, shape
+from esft.es.params import MASTER_FILE
 from esft.evaluate import periodic_eval
-from esft.models import resolve_model
+from esft.population import (
+    Population,
+    apply_seedlog,
+    engine_options,
+    es_params,
+    prompt_batch,
+    save_weights,
+    score_population,
+)
 from esft.resources import peak_memory, reset_peak
-from esft.runstore import DiskFullError, RunStore, is_disk_full
+from esft.runs import TrainResult
+from esft.runstore import RunStore
 from esft.tasks import Task, load_task
 from esft.tasks.base import TrainerState, nanmean
-
-# Settings a resumed run may change; anything else would change the trajectory.
-RESUMABLE = {
-    "iterations",
-    "budget_samples",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "pin_checkpoints",
-    "stop_when_flat",
-    "eval_every",
-    "eval_limit",
-    "eval_split",
-    "output",
-    # where members are scored (Ray workers give the same results as one process: esft/distributed)
-    "workers",
-    "ray_address",
-    "gpus_per_worker",
-    "worker_timeout",
-}
-
-
-def es_params(
-    engine: Engine,
-    freeze: list[str],
-    noise: str = "independent",
-    rank: int = 1,
-    precision: str = "auto",
-    state_dir: str | None = None,
-) -> ParamSet:
-    """The ParamSet ES trains: the engine's parameters minus ``freeze`` (minus norm scales for lowrank),
-    updated with ``precision`` (es/precision.py); its float32 masters come from the checkpoint folder
-    ``state_dir`` when it holds them (else from the weights)."""
-    if hasattr(engine, "param_set"):  # the weights live in another process (vLLM): ES runs there
-        return engine.param_set(freeze, noise, rank, precision, state_dir)
-    params = select_trained(engine.parameters(), freeze, noise)
-    if not params:
-        raise ConfigError("no trainable parameters: the --freeze patterns match every parameter")
-    out = ParamSet(params, scheme=noise, rank=rank, precision=precision)
-    if state_dir is not None:
-        try:
-            require_state(out, state_dir)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return out
-
-
-def save_weights(engine: Engine, params: ParamSet, path: Any) -> None:
-    """A checkpoint's files: the engine's weights (what a user loads) and, with float32 masters, the
-    masters (what --resume continues from). A remote engine's worker writes both itself."""
-    engine.save(path)
-    if isinstance(params, ParamSet):
-        params.save_state(path)
-
-
-def engine_options(engine: str, noise: str, population: int, rank: int) -> dict[str, int]:
-    """Engine options a run needs beyond the model: vLLM batches low-rank members as LoRA adapters, so it
-    reserves one adapter slot per member at start-up."""
-    if engine == "vllm" and noise == NoiseScheme.LOWRANK:
-        return {"lora_population": population, "lora_rank": rank}
-    return {}
-
-
-def prompt_batch(n_rows: int, size: int | None, run_seed: int, iteration: int) -> list[int]:
-    """Row indices used in ``iteration``: all rows, or a mini-batch drawn from (run seed, iteration)."""
-    if size is None or size >= n_rows:
-        return list(range(n_rows))
-    rng = np.random.default_rng(np.random.SeedSequence([run_seed, iteration, 1]))
-    return sorted(rng.choice(n_rows, size=size, replace=False).tolist())
-
-
-def apply_seedlog(params: ParamSet, entries: list[dict[str, Any]]) -> list[UpdateStats]:
-    """Re-apply logged updates in order: the same members, weights and alpha give the same bits (the
-    same stochastic rounding too: its bits come from the members)."""
-    out = []
-    for e in entries:
-        members = [Member(int(s), int(sign)) for s, sign in e["members"]]
-        out.append(params.update(members, e["weights"], e["alpha"]))
-    return out
-
-
-@dataclass
-class Population:
-    """What one iteration's members produced."""
-
-    summaries: list[dict[str, float]] = field(default_factory=list)  # task.summary() per member
-    completions: int = 0
-    tokens: int = 0
-    truncated: int = 0
-    failures: int = 0
-    timer: dict[str, float] = field(
-        default_factory=lambda: {"generate": 0.0, "score": 0.0, "noise": 0.0, "update": 0.0}
-    )
-
-
-def score_population(
-    engine: Engine,
-    params: ParamSet,
-    task: Task,
-    members: list[Member],
-    rows: list[dict[str, Any]],
-    sigma: float,
-    max_new_tokens: int,
-    desc: str = "members",
-    progress: bool = False,
-    state: TrainerState | None = None,
-) -> Population:
-    """Perturb -> generate -> restore -> score, member by member, timing each part.
-
-    With low-rank noise and an engine that batches populations, all members generate together through
-    the unperturbed weights (no perturb or restore) and are then scored one by one. A pool of Ray workers
-    (esft/distributed) scores the population itself, spread over its workers, with this same function.
-    """
-    if hasattr(engine, "score_population"):  # the members go to workers that each own an engine
-        return engine.score_population(
-            params, task, members, rows, sigma, max_new_tokens, desc, progress, state
-        )
-    prompts = [r["prompt"] for r in rows]
-    pop = Population()
-    if params.scheme == NoiseScheme.LOWRANK and getattr(engine, "population_batching", False):
-        groups = engine.generate_population(prompts, members, params, sigma, max_new_tokens, pop.timer)
-        for gens in groups:
-            _score_member(pop, task, rows, gens, state)
-        return pop
-    for member in tqdm(members, desc=desc, unit="member", leave=False, disable=not progress):
-        tic = time.perf_counter()
-        params.perturb(member, sigma)
-        pop.timer["noise"] += time.perf_counter() - tic
-        try:
-            tic = time.perf_counter()
-            gens = engine.generate(prompts, max_new_tokens)
-            pop.timer["generate"] += time.perf_counter() - tic
-        finally:
-            tic = time.perf_counter()
-            params.restore()
-            pop.timer["noise"] += time.perf_counter() - tic
-        _score_member(pop, task, rows, gens, state)
-    return pop
-
-
-def _score_member(
-    pop: Population,
-    task: Task,
-    rows: list[dict[str, Any]],
-    gens: list[Generation],
-    state: TrainerState | None,
-) -> None:
-    tic = time.perf_counter()
-    scores = task.score(rows, [g.text for g in gens], [g.token_ids for g in gens], state)
-    pop.summaries.append(task.summary(scores))
-    pop.timer["score"] += time.perf_counter() - tic
-    pop.completions += len(gens)
-    pop.tokens += sum(g.num_tokens for g in gens)
-    pop.truncated += sum(g.truncated for g in gens)
-    pop.failures += scores.failures
 
 
 def iteration_metrics(
@@ -276,39 +130,12 @@ def over_budget(budget: int, samples: int) -> bool:
 
 
 @dataclass
-class TrainResult:
-    run_dir: Path
-    iterations: int
-    final_checkpoint: Path | None
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
+class _Progress:
+    """Counters carried from iteration to iteration (and over a resume, from metrics.jsonl)."""
 
-
-TRAINERS = {
-    "es": ("an ES", "esft train"),
-    "grpo": ("a GRPO", "esft grpo"),
-}  # config's trainer -> name, command
-
-
-def check_resumable(store: RunStore, config: Any, trainer: str) -> None:
-    """``--resume``'s checks, for either trainer: ``store`` holds a run of ``trainer`` whose settings are
-    ``config``'s except the RESUMABLE ones; otherwise a one-line ConfigError saying what to change."""
-    if not store.exists():
-        raise ConfigError(f"--resume: {store.root} holds no run to resume; drop --resume to start one")
-    saved = store.read_config()
-    was = saved.get("trainer", "es")
-    if was != trainer:
-        have, command = TRAINERS.get(was, (f"a {was}", f"esft {was}"))
-        raise ConfigError(
-            f"--resume: {store.root} is {have} run, not {TRAINERS[trainer][0]} run; "
-            f"continue it with {command} --resume"
-        )
-    mine, fields = config.to_dict(), type(config).field_names()
-    changed = sorted(k for k, v in saved.items() if k in fields and k not in RESUMABLE and v != mine.get(k))
-    if changed:
-        raise ConfigError(
-            f"--resume: {', '.join(changed)} differ from the run in {store.root}; "
-            "resume with the original settings (only iterations and logging cadence may change)"
-        )
+    samples: int  # completions generated for training (the budget unit)
+    tokens: int  # their tokens
+    flat_streak: int  # flat iterations in a row up to the last one
 
 
 class ESTrainer:
@@ -323,6 +150,7 @@ class ESTrainer:
         self.config = config
         self.allow_environment_change = allow_environment_change
         self.progress = progress
+        self._log = runs.console(progress)
         self.task = task or load_task(
             config.task, reward=config.reward, reward_weights=config.reward_weights, **config.task_options
         )
@@ -332,48 +160,15 @@ class ESTrainer:
         self.resume = resume
         self.engine: Engine | None = None  # the engine, or the pool of Ray workers; closed by train()
         self.params: ParamSet | None = None  # what ES trains (local, or a proxy of remote tensors)
-        self.store.lock()  # before looking at the folder: a second writer stops here
-        try:
-            self._check_run_folder()
-            # Fail on a bad dataset or model now, before anything is written to the run folder.
-            if not self.task.train:
-                raise ConfigError(f"task {self.task.name!r} has an empty train split")
-            self.model_path = resolve_model(config.model)
-        except BaseException:
-            self.store.unlock()
-            raise
-
-    # -- setup ------------------------------------------------------------------------------------
-
-    def _check_run_folder(self) -> None:
-        store = self.store
-        if self.resume:
-            check_resumable(store, self.config, "es")
-        elif store.exists() or store.seedlog_path.exists():
-            raise ConfigError(
-                f"{store.root} already holds a run; pass --resume to continue it or choose another --output"
-            )
-
-    def _log(self, msg: str) -> None:
-        if self.progress:
-            tqdm.write(msg)
+        self.model_path = runs.claim(self.store, config, "es", self.task, resume, self.store.seedlog_path)
 
     # -- main loop --------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        self.store.lock()
-        try:
-            return self._train()
-        except Exception as e:
-            if is_disk_full(e):
-                raise DiskFullError(self._disk_full_message()) from None
-            raise
-        finally:
-            # an engine with its own processes (vLLM's engine core, Ray workers) stops with the run
-            close = getattr(self.engine, "close", None)
-            if close is not None:
-                close()
-            self.store.unlock()
+        # an engine with its own processes (vLLM's engine core, Ray workers) stops with the run
+        return runs.run_training(
+            self.store, self._train, self._disk_full_message, lambda: self.engine and self.engine.close()
+        )
 
     def _disk_full_message(self) -> str:
         store = self.store
@@ -387,33 +182,14 @@ class ESTrainer:
         )
 
     def _train(self) -> TrainResult:
-        cfg, store, task = self.config, self.store, self.task
+        cfg = self.config
         start, engine, params = self._load_state(self.model_path)
         self.params = params
-        reset_peak()  # perf/peak_rss_mb: training's high-water mark, not the transient copies of loading
-        store.write_config({"trainer": "es", **cfg.to_dict(), "model_path": self.model_path})
-        store.clean_temp()
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(store.root / "events"), purge_step=start + 1)
-        train_rows = task.train
-        self._log(
-            f"esft: {task.name} | model {cfg.model or 'embedded default'} | {params.numel / 1e6:.1f}M trainable "
-            f"params | N={cfg.population} sigma={cfg.sigma:g} alpha={cfg.alpha:g} | noise {cfg.noise}"
-            + (f" rank {cfg.rank}" if cfg.noise == "lowrank" else "")
-            + f" | run {store.root}"
-        )
-        if cfg.eval_every and start == 0:
-            self._evaluate(engine, 0, tb)
-
-        previous = store.metrics()
-        samples_done = previous[-1]["samples"] if previous else 0  # completions scored so far (budget)
-        tokens_done = previous[-1].get("tokens", 0) if previous else 0
-        flat_streak = previous[-1].get("es/flat_streak", 0) if previous else 0
-        last = start
-        if over_budget(cfg.budget_samples, samples_done):
-            self._log(f"esft: the budget of {cfg.budget_samples} samples is spent ({samples_done} generated)")
-            return self._finish(engine, tb, last)
+        tb = self._open_run(start, engine, params)
+        done = self._progress_so_far()
+        if over_budget(cfg.budget_samples, done.samples):
+            self._log(f"esft: the budget of {cfg.budget_samples} samples is spent ({done.samples} generated)")
+            return self._finish(engine, tb, start)
         bar = tqdm(
             total=cfg.iterations,
             initial=start,
@@ -422,81 +198,88 @@ class ESTrainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        last = start
         for t in range(start + 1, cfg.iterations + 1):
-            row_ids = prompt_batch(len(train_rows), cfg.prompts_per_iteration, cfg.seed, t)
-            rows = [train_rows[i] for i in row_ids]
-            members = iteration_members(cfg.seed, t, cfg.population, cfg.antithetic)
-            t0 = time.perf_counter()
-
-            # 1-2: every member perturbs, generates on the same prompts, restores, and is scored.
-            member_bar = self.progress and sys.stderr.isatty()  # a bar per member floods non-terminal logs
-            state = TrainerState(global_step=t, max_steps=cfg.iterations, epoch=float(t))
-            pop = score_population(
-                engine,
-                params,
-                task,
-                members,
-                rows,
-                cfg.sigma,
-                self.max_new_tokens,
-                f"iter {t}",
-                member_bar,
-                state,
-            )
-            member_rewards = [s["reward"] for s in pop.summaries]
-
-            # 3-4: shape, log the update's inputs, then update.
-            weights = shape(member_rewards, cfg.shaping)
-            store.append_seedlog(
-                {
-                    "iteration": t,
-                    "members": [[m.seed, m.sign] for m in members],
-                    "weights": weights,
-                    "alpha": cfg.alpha,
-                    "rewards": member_rewards,
-                }
-            )
-            tic = time.perf_counter()
-            stats = params.update(members, weights, cfg.alpha)
-            pop.timer["update"] = time.perf_counter() - tic
-            samples_done += len(members) * len(rows)
-            tokens_done += pop.tokens
-            flat_streak = flat_streak + 1 if all(w == 0 for w in weights) else 0
-
-            metrics = iteration_metrics(
-                t, samples_done, tokens_done, pop, stats, time.perf_counter() - t0, flat_streak
-            )
-            store.append_metrics(metrics)
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
-                    tb.add_scalar(k, v, t)
+            metrics = self._iteration(t, engine, params, done)
+            runs.record(self.store, tb, metrics, t)
             bar.update(1)
             self._log(summary_line(metrics, cfg.iterations))
-
-            if flat_streak == 1 and not cfg.stop_when_flat:
-                self._log(f"esft: iteration {t}: {FLAT_ADVICE}")
-            flat_stop = bool(cfg.stop_when_flat) and flat_streak >= cfg.stop_when_flat
-            budget_stop = over_budget(cfg.budget_samples, samples_done)
-            final = t == cfg.iterations or flat_stop or budget_stop
+            stop = self._stop_reason(t, done)
+            final = t == cfg.iterations or stop is not None
             last = t
-            if final or (cfg.checkpoint_every and t % cfg.checkpoint_every == 0):
+            if runs.due(t, cfg.checkpoint_every, final):
                 self._checkpoint(engine, t)
-            if cfg.eval_every and (final or t % cfg.eval_every == 0):
+            if cfg.eval_every and runs.due(t, cfg.eval_every, final):
                 self._evaluate(engine, t, tb)
-            if flat_stop:
-                self._log(
-                    f"esft: stopped after iteration {t}: the population was flat for {flat_streak} "
-                    f"iterations in a row (--stop-when-flat {cfg.stop_when_flat}); {FLAT_ADVICE}"
-                )
-                break
-            if budget_stop:
-                self._log(
-                    f"esft: stopped after iteration {t}: {samples_done} samples generated, the budget "
-                    f"is {cfg.budget_samples} (--budget-samples)"
-                )
+            if stop is not None:
+                self._log(stop)
                 break
         bar.close()
         return self._finish(engine, tb, last)
+
+    def _iteration(self, t: int, engine: Engine, params: ParamSet, done: _Progress) -> dict[str, Any]:
+        """Iteration ``t``, steps 1-4 of the module docstring; its metrics row."""
+        cfg, task = self.config, self.task
+        row_ids = prompt_batch(len(task.train), cfg.prompts_per_iteration, cfg.seed, t)
+        rows = [task.train[i] for i in row_ids]
+        members = iteration_members(cfg.seed, t, cfg.population, cfg.antithetic)
+        t0 = time.perf_counter()
+
+        # 1-2: every member perturbs, generates on the same prompts, restores, and is scored.
+        member_bar = self.progress and sys.stderr.isatty()  # a bar per member floods non-terminal logs
+        state = TrainerState(global_step=t, max_steps=cfg.iterations, epoch=float(t))
+        pop = score_population(
+            engine,
+            params,
+            task,
+            members,
+            rows,
+            cfg.sigma,
+            self.max_new_tokens,
+            f"iter {t}",
+            member_bar,
+            state,
+        )
+        member_rewards = [s["reward"] for s in pop.summaries]
+
+        # 3-4: shape, log the update's inputs, then update.
+        weights = shape(member_rewards, cfg.shaping)
+        self.store.append_seedlog(
+            {
+                "iteration": t,
+                "members": [[m.seed, m.sign] for m in members],
+                "weights": weights,
+                "alpha": cfg.alpha,
+                "rewards": member_rewards,
+            }
+        )
+        tic = time.perf_counter()
+        stats = params.update(members, weights, cfg.alpha)
+        pop.timer["update"] = time.perf_counter() - tic
+        done.samples += len(members) * len(rows)
+        done.tokens += pop.tokens
+        done.flat_streak = done.flat_streak + 1 if all(w == 0 for w in weights) else 0
+        return iteration_metrics(
+            t, done.samples, done.tokens, pop, stats, time.perf_counter() - t0, done.flat_streak
+        )
+
+    def _stop_reason(self, t: int, done: _Progress) -> str | None:
+        """Why training stops after iteration ``t`` before its last (a flat population, the sample
+        budget), or None."""
+        cfg = self.config
+        if done.flat_streak == 1 and not cfg.stop_when_flat:
+            self._log(f"esft: iteration {t}: {FLAT_ADVICE}")
+        if cfg.stop_when_flat and done.flat_streak >= cfg.stop_when_flat:
+            return (
+                f"esft: stopped after iteration {t}: the population was flat for {done.flat_streak} "
+                f"iterations in a row (--stop-when-flat {cfg.stop_when_flat}); {FLAT_ADVICE}"
+            )
+        if over_budget(cfg.budget_samples, done.samples):
+            return (
+                f"esft: stopped after iteration {t}: {done.samples} samples generated, the budget "
+                f"is {cfg.budget_samples} (--budget-samples)"
+            )
+        return None
 
     def _finish(self, engine: Engine, tb, last: int) -> TrainResult:
         store = self.store
@@ -508,6 +291,32 @@ class ESTrainer:
         return TrainResult(store.root, last, ckpts.get(last), evals)
 
     # -- pieces -----------------------------------------------------------------------------------
+
+    def _open_run(self, start: int, engine: Engine, params: ParamSet):
+        """Write the run's config, clear stale temporary files, open TensorBoard, say what runs, and
+        evaluate the base model on a fresh start; the TensorBoard writer."""
+        cfg, store = self.config, self.store
+        reset_peak()  # perf/peak_rss_mb: training's high-water mark, not the transient copies of loading
+        store.write_config({"trainer": "es", **cfg.to_dict(), "model_path": self.model_path})
+        store.clean_temp()
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(store.root / "events"), purge_step=start + 1)
+        self._log(
+            f"esft: {self.task.name} | model {cfg.model or 'embedded default'} | {params.numel / 1e6:.1f}M "
+            f"trainable params | N={cfg.population} sigma={cfg.sigma:g} alpha={cfg.alpha:g} | noise {cfg.noise}"
+            + (f" rank {cfg.rank}" if cfg.noise == "lowrank" else "")
+            + f" | run {store.root}"
+        )
+        if cfg.eval_every and start == 0:
+            self._evaluate(engine, 0, tb)
+        return tb
+
+    def _progress_so_far(self) -> _Progress:
+        """Samples, tokens and the flat streak through the last logged iteration (0 on a fresh start)."""
+        previous = self.store.metrics()
+        last = previous[-1] if previous else {}
+        return _Progress(last.get("samples", 0), last.get("tokens", 0), last.get("es/flat_streak", 0))
 
     def _build_engine(self, path: str, threads: int | None = None) -> Engine:
         """The engine (or the pool of Ray workers) for the weights at ``path``; ``threads``: the torch

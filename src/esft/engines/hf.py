@@ -137,6 +137,9 @@ class HFEngine:
                 out.extend(gens[i * len(texts) : (i + 1) * len(texts)] for i in range(len(chunk)))
         return out
 
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process."""
+
     def members_per_batch(self, n_prompts: int) -> int:
         """Members that ``generate_population`` puts in one batch for ``n_prompts`` prompts each: its
         batches are members[0:k], members[k:2k], ... (a Ray pool hands out exactly these, so a member

@@ -220,6 +220,10 @@ class VLLMEngine:
         """Whether ``generate_population`` can run all low-rank members in one batch (LoRA enabled)."""
         return self.lora_population > 0
 
+    def members_per_batch(self, n_prompts: int) -> int | None:
+        """None: ``generate_population`` runs the whole population in one call (vLLM schedules it)."""
+        return None
+
     def generate_population(
         self,
         prompts: list[Prompt],

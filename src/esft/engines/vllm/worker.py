@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from esft.checkpoint import safetensors_files
 from esft.es.noise import Member
+from esft.safetensors_folder import safetensors_files
 
 # An esft_* method returns {CONFIG_ERROR: message} for an error the user must fix (not a bug); the
 # driver raises it as esft's one-line ConfigError (vLLM would turn an exception into its own traceback).
@@ -102,17 +102,44 @@ class ESWorkerExtension:
         Returns a report: per HF name its shape, the vLLM tensor and row offset it lives in, and which
         vLLM layers had their packed weights replaced.
         """
-        from safetensors import safe_open
-
+        if cpu_gemm not in ("dense", "onednn"):
+            raise ValueError(f"cpu_gemm must be dense or onednn, got {cpu_gemm!r}")
         model = self.model_runner.get_model()
         self._esft_model_path = Path(model_path)
-        packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
-        shard_of = {s: (fused, i) for fused, shards in packed.items() for i, s in enumerate(shards)}
         modules = dict(model.named_modules())
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         files = safetensors_files(self._esft_model_path)
 
-        # 1. where each checkpoint tensor goes: (vLLM module, param attr, shard index)
+        placement, hf_shapes = self._esft_place_checkpoint(model, modules, files, tied)
+        replaced = self._esft_bind_views(modules, placement, hf_shapes, files)
+        cpu_gemm, dispatched = self._esft_dispatch_gemm(modules, cpu_gemm)
+        empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+        if empty:  # nothing the forward reads may still be empty
+            raise ValueError(f"vLLM parameters still empty after setup (not in the checkpoint?): {empty}")
+        self._esft_hf_order = list(self._esft_views)
+        self._esft_params = None
+        self._esft_population = self._esft_population_for(modules, placement, tied)
+        return {
+            "names": {k: list(v.shape) for k, v in self._esft_views.items()},
+            "placement": self._esft_place,
+            "replaced": replaced,
+            "gemm_layers": dispatched,
+            "cpu_gemm": cpu_gemm,
+            "unmapped": sorted(self._esft_unmapped),
+            "dtype": str(self.model_config.dtype).removeprefix("torch."),
+            "population_names": self._esft_population.names if self._esft_population else [],
+        }
+
+    def _esft_place_checkpoint(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], files: list[Path], tied: bool
+    ) -> tuple[dict[str, tuple[str, str, int | None]], dict[str, tuple[int, ...]]]:
+        """Step 1: where each checkpoint tensor goes, as (vLLM module, parameter attribute, shard index
+        in a fused tensor), and every checkpoint tensor's shape. Tensors vLLM has no place for are kept
+        in ``_esft_unmapped`` (saved as loaded)."""
+        from safetensors import safe_open
+
+        packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+        shard_of = {s: (fused, i) for fused, shards in packed.items() for i, s in enumerate(shards)}
         placement: dict[str, tuple[str, str, int | None]] = {}
         self._esft_unmapped: dict[str, tuple[str, str]] = {}  # HF name -> (file, key) saved as loaded
         hf_shapes: dict[str, tuple[int, ...]] = {}
@@ -140,8 +167,19 @@ class ESWorkerExtension:
                         self._esft_unmapped[key] = (str(f), key)
                     else:
                         placement[key] = target
+        return placement, hf_shapes
 
-        # 2. group the shards of each fused tensor in packing order; compute row offsets
+    def _esft_bind_views(
+        self,
+        modules: dict[str, torch.nn.Module],
+        placement: dict[str, tuple[str, str, int | None]],
+        hf_shapes: dict[str, tuple[int, ...]],
+        files: list[Path],
+    ) -> list[str]:
+        """Step 2: group the shards of each fused tensor in packing order and give each HF name a row
+        view of its live vLLM tensor (``_esft_views``, ``_esft_place``). A tensor CPU repacking emptied
+        is rebuilt dense and filled from the checkpoint; one vLLM kept must equal the checkpoint. The
+        names of the rebuilt tensors."""
         groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
         for key, (mod_name, attr, idx) in placement.items():
             groups.setdefault((mod_name, attr), []).append((idx if idx is not None else 0, key))
@@ -189,11 +227,14 @@ class ESWorkerExtension:
                         f"checkpoint tensor {key} does not match vLLM's {mod_name}.{attr} rows "
                         f"{self._esft_place[key]['rows']}: the name mapping is wrong for this model"
                     )
+        return replaced
 
-        # 3. every layer with a CPU GEMM dispatch now multiplies by its live weight (dense), or by a
-        #    oneDNN handler packed from it that is rebuilt whenever the weight changes (onednn)
-        if cpu_gemm not in ("dense", "onednn"):
-            raise ValueError(f"cpu_gemm must be dense or onednn, got {cpu_gemm!r}")
+    def _esft_dispatch_gemm(
+        self, modules: dict[str, torch.nn.Module], cpu_gemm: str
+    ) -> tuple[str, list[str]]:
+        """Step 3: every layer with a CPU GEMM dispatch now multiplies by its live weight (dense), or by a
+        oneDNN handler packed from it that is rebuilt whenever the weight changes (onednn). The GEMM
+        used (dense where oneDNN is unavailable) and the layers dispatched."""
         if cpu_gemm == "onednn" and not _onednn_available():
             cpu_gemm = "dense"
         self._esft_gemm: dict[str, _OneDNNLinear] = {}  # vLLM module name -> its swappable GEMM
@@ -215,63 +256,53 @@ class ESWorkerExtension:
                 else:
                     module.cpu_linear = _dense_linear
                 dispatched.append(name)
-        # 4. nothing the forward reads may still be empty
-        empty = [n for n, p in model.named_parameters() if p.numel() == 0]
-        if empty:
-            raise ValueError(f"vLLM parameters still empty after setup (not in the checkpoint?): {empty}")
+        return cpu_gemm, dispatched
 
-        self._esft_hf_order = list(self._esft_views)
-        self._esft_params = None
-        # 5. with LoRA enabled: what a population batch perturbs per member (population.py)
-        self._esft_population = None
-        if getattr(self.model_runner, "lora_manager", None) is not None:
-            from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    def _esft_population_for(
+        self,
+        modules: dict[str, torch.nn.Module],
+        placement: dict[str, tuple[str, str, int | None]],
+        tied: bool,
+    ) -> Any:
+        """Step 4, with LoRA enabled: what a population batch perturbs per member (population.py), or
+        None without LoRA."""
+        if getattr(self.model_runner, "lora_manager", None) is None:
+            return None
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-            from esft.engines.vllm.population import LoRAPopulation
+        from esft.engines.vllm.population import LoRAPopulation
 
-            # The hooks must sit on the modules the forward calls. Where vLLM wraps a module for LoRA
-            # (architectures that declare embedding_modules, e.g. Llama, Qwen3), the wrapper calls
-            # base_layer.forward or base_layer internals directly, so a hook on the base never runs:
-            # hook the wrapper instead (LoRAPopulation also checks that every hook ran).
-            def runs(name: str) -> torch.nn.Module:
-                outer = (
-                    modules.get(name.removesuffix(".base_layer")) if name.endswith(".base_layer") else None
-                )
-                return outer if outer is not None else modules[name]
+        # The hooks must sit on the modules the forward calls. Where vLLM wraps a module for LoRA
+        # (architectures that declare embedding_modules, e.g. Llama, Qwen3), the wrapper calls
+        # base_layer.forward or base_layer internals directly, so a hook on the base never runs:
+        # hook the wrapper instead (LoRAPopulation also checks that every hook ran).
+        def runs(name: str) -> torch.nn.Module:
+            outer = modules.get(name.removesuffix(".base_layer")) if name.endswith(".base_layer") else None
+            return outer if outer is not None else modules[name]
 
-            by_type = {type(m).__name__: m for m in modules.values()}
-            logits = by_type.get("LogitsProcessorWithLoRA", by_type.get("LogitsProcessor"))
-            # Logit soft-capping is applied after the head's product: noise added to the capped
-            # logits is not the capped logits of the perturbed head, so such heads are not batched.
-            logits_ok = logits is not None and getattr(logits, "soft_cap", None) is None
-            lora_layers: dict[str, torch.nn.Module] = {}
-            token_layers: dict[str, list[tuple[str, torch.nn.Module]]] = {}
-            for key, (mod_name, attr, idx) in placement.items():
-                module = modules[mod_name]
-                wrapper = modules.get(mod_name.removesuffix(".base_layer"))
-                if attr in ("weight", "bias") and isinstance(wrapper, BaseLinearLayerWithLoRA):
-                    lora_layers[key] = wrapper
-                elif attr == "weight" and idx is None and logits_ok:
-                    kind = type(module).__name__
-                    if kind == "VocabParallelEmbedding" and _plain_lookup(module):  # tied: also lm_head
-                        token_layers[key] = [("embedding", runs(mod_name))] + (
-                            [("logits", logits)] if tied else []
-                        )
-                    elif kind == "ParallelLMHead":
-                        token_layers[key] = [("logits", logits)]
-            self._esft_population = LoRAPopulation(
-                self.model_runner, self._esft_views, self._esft_place, lora_layers, token_layers
-            )
-        return {
-            "names": {k: list(v.shape) for k, v in self._esft_views.items()},
-            "placement": self._esft_place,
-            "replaced": replaced,
-            "gemm_layers": dispatched,
-            "cpu_gemm": cpu_gemm,
-            "unmapped": sorted(self._esft_unmapped),
-            "dtype": str(dtype).removeprefix("torch."),
-            "population_names": self._esft_population.names if self._esft_population else [],
-        }
+        by_type = {type(m).__name__: m for m in modules.values()}
+        logits = by_type.get("LogitsProcessorWithLoRA", by_type.get("LogitsProcessor"))
+        # Logit soft-capping is applied after the head's product: noise added to the capped
+        # logits is not the capped logits of the perturbed head, so such heads are not batched.
+        logits_ok = logits is not None and getattr(logits, "soft_cap", None) is None
+        lora_layers: dict[str, torch.nn.Module] = {}
+        token_layers: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+        for key, (mod_name, attr, idx) in placement.items():
+            module = modules[mod_name]
+            wrapper = modules.get(mod_name.removesuffix(".base_layer"))
+            if attr in ("weight", "bias") and isinstance(wrapper, BaseLinearLayerWithLoRA):
+                lora_layers[key] = wrapper
+            elif attr == "weight" and idx is None and logits_ok:
+                kind = type(module).__name__
+                if kind == "VocabParallelEmbedding" and _plain_lookup(module):  # tied: also lm_head
+                    token_layers[key] = [("embedding", runs(mod_name))] + (
+                        [("logits", logits)] if tied else []
+                    )
+                elif kind == "ParallelLMHead":
+                    token_layers[key] = [("logits", logits)]
+        return LoRAPopulation(
+            self.model_runner, self._esft_views, self._esft_place, lora_layers, token_layers
+        )
 
     @staticmethod
     def _esft_read(key: str, files: list[Path]) -> torch.Tensor:
