@@ -1,4 +1,5 @@
-"""Distributed ES on Ray (DESIGN.md section 5; Salimans et al. 2017): seeds out, rewards back.
+"""Distributed ES on Ray (docs/design.md, "Distributed ES on Ray"; Salimans et al. 2017): seeds out,
+rewards back.
 
 ``esft train --workers K`` starts a local Ray cluster for the run; ``--ray-address ADDR`` joins a running
 one. The trainer's engine is then a ``WorkerPool`` (``pool.py``, the driver side): K Ray actors

@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from esft.engines.base import PopulationBatching, WeightChecksums, batches_population
 from esft.es.checksum import checksums, digest
+from esft.population import apply_seedlog, es_params, save_weights, score_population
 
 
 def cpu_binding(slot: int, threads: int) -> str:
@@ -58,7 +60,7 @@ def parse_fault(spec: str | None, slot: int) -> dict[str, Any] | None:
 
 
 class Worker:
-    """A Ray actor (wrapped by ``ray.remote`` in pool.py); a plain class, so tests can run it in-process.
+    """A Ray actor (wrapped by ``ray.remote`` in cluster.py); a plain class, so tests can run it in-process.
 
     ``spec``: engine (name, dtype, device, batch_size, options, min_new_tokens), the task's settings and
     the number of torch threads. ``slot``: the worker's index in the pool."""
@@ -102,7 +104,6 @@ class Worker:
         ``after`` is the number of updates the pool has applied since its source, for the report."""
         from esft.engines import build_engine
         from esft.tasks import load_task
-        from esft.trainer import apply_seedlog
 
         path, entries = next(
             ((p, e) for p, e in candidates[:-1] if Path(p).is_dir()),
@@ -131,8 +132,9 @@ class Worker:
             "source": path,
             "replayed": len(entries) if init is not None else 0,
             "updates": after,
-            "device": str(getattr(self.engine, "device", "cpu")),
-            "dtype": str(getattr(self.engine, "dtype", "")).removeprefix("torch."),
+            "device": str(self.engine.device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "dtype_reason": self.engine.dtype_reason,
             "task": [self.task.name, [[r.name, float(r.weight)] for r in self.task.rewards]],
             "checksum": self._digest(),
             "seconds": time.perf_counter() - tic,
@@ -147,10 +149,10 @@ class Worker:
     def members_per_batch(self, n_prompts: int) -> int | None:
         """Members that one low-rank work unit holds: the engine's population batch, 1 for an engine that
         scores low-rank members one by one, None for one that batches the whole population at once."""
-        if not getattr(self.engine, "population_batching", False):
+        if not batches_population(self.engine):
             return 1
-        per = getattr(self.engine, "members_per_batch", None)
-        return per(n_prompts) if per is not None else None
+        assert isinstance(self.engine, PopulationBatching)
+        return self.engine.members_per_batch(n_prompts)
 
     def set_min_new_tokens(self, n: int) -> None:
         self.spec["min_new_tokens"] = n
@@ -166,7 +168,6 @@ class Worker:
         precision: str = "auto",
         state_dir: str | None = None,
     ) -> dict[str, Any]:
-        from esft.trainer import es_params
 
         self.params = es_params(self.engine, list(freeze), scheme, int(rank), precision, state_dir)
         names = getattr(self.params, "names", None) or list(self.params.params)
@@ -204,7 +205,7 @@ class Worker:
     def esft_checksum(self, names: list[str] | None = None) -> dict[str, int]:
         """Per-tensor checksums of the weights the forward reads (all, or ``names``); an engine whose
         weights live in another process (vLLM) computes them there."""
-        if hasattr(self.engine, "weight_checksums"):
+        if isinstance(self.engine, WeightChecksums):
             return self.engine.weight_checksums(names)
         tensors = self.engine.parameters()
         return checksums({n: tensors[n] for n in names} if names else tensors)
@@ -225,7 +226,6 @@ class Worker:
         """Score ``members`` ([seed, sign] pairs) on ``rows`` exactly as one process would: the trainer's
         ``score_population`` on this worker's engine, ParamSet and task."""
         from esft.es import Member
-        from esft.trainer import score_population
 
         pop = score_population(
             self.engine,
@@ -249,7 +249,6 @@ class Worker:
         """Write the current weights (HF format) into ``path``, a folder on this worker's node."""
         if self.params is not None and self.params.perturbed is not None:
             raise RuntimeError("save() while perturbed")
-        from esft.trainer import save_weights
 
         save_weights(self.engine, self.params, path)
 
