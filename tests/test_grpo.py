@@ -241,3 +241,35 @@ def test_resume_continues_with_the_weights_of_an_uninterrupted_run(tiny_model, t
                  "--iterations", "1", "--population", "2", "--max-new-tokens", "4", "--quiet"]) == 0  # fmt: skip
     assert main(["grpo", "--output", str(es_run), "--resume", "--quiet"]) == 2
     assert "is an ES run, not a GRPO run" in capsys.readouterr().err
+
+
+def test_grpo_callbacks_see_the_logged_rows_and_can_stop_the_run(tiny_model, tmp_path):
+    from esft.callbacks import Callback
+    from esft.config import GRPORunConfig
+    from esft.grpo import GRPORun
+
+    class StopAfterTwo(Callback):
+        def __init__(self):
+            self.logged, self.evals, self.ends = [], [], 0
+
+        def on_log(self, metrics, step):
+            self.logged.append((step, metrics["train/reward_mean"]))
+            if step == 2:
+                self.stop = "two steps are enough"
+
+        def on_evaluate(self, scalars, rows, step):
+            self.evals.append(step)
+
+        def on_train_end(self):
+            self.ends += 1
+
+    cb = StopAfterTwo()
+    config = GRPORunConfig(
+        model=str(tiny_model), task="conciseness", group_size=4, max_new_tokens=8, learning_rate=1e-3,
+        iterations=5, eval_every=1, eval_limit=2, output=str(tmp_path / "run"),
+    )  # fmt: skip
+    result = GRPORun(config, progress=False, callbacks=[cb]).train()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert cb.logged == [(m["iteration"], m["train/reward_mean"]) for m in rows] and len(rows) == 2
+    assert cb.evals == [0, 1, 2] and cb.ends == 1
+    assert result.iterations == 2 and result.final_checkpoint is not None

@@ -113,15 +113,17 @@ def periodic_eval(
     batch_size: int,
     step: int,
     store: Any,
-    tb: Any,
+    callbacks: Any,
     log: Callable[[str], None],
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """A trainer's periodic evaluation at iteration/step ``step``: greedy, on ``eval_split`` (train, test
-    or both), one eval.jsonl row per split with the first completions as examples, TensorBoard scalars
-    and a log line. ES and GRPO both call this, so their eval.jsonl rows mean the same thing."""
+    or both), one eval.jsonl row per split with the first completions as examples, its scalars to the
+    run's callbacks (``esft.callbacks``: TensorBoard, trackers) and a log line. ES and GRPO both call
+    this, so their eval.jsonl rows mean the same thing."""
     splits = ["train", "test"] if eval_split == "both" else [eval_split]
     rows = []
+    scalars: dict[str, float] = {}
     for split in splits:
         summary, samples = evaluate(engine, task, split, limit, max_new_tokens, batch_size, progress)
         examples = [
@@ -133,9 +135,10 @@ def periodic_eval(
         prefix = "eval" if len(splits) == 1 else f"eval/{split}"
         for k, v in summary.items():
             if isinstance(v, int | float) and math.isfinite(v):
-                tb.add_scalar(f"{prefix}/{k}", v, step)
+                scalars[f"{prefix}/{k}"] = float(v)
         log(f"eval ({split}) @ iter {step}: {format_summary(summary)}")
         rows.append(row)
+    callbacks.on_evaluate(scalars, rows, step)
     return rows
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
 
 from esft import environment, runs
+from esft.callbacks import Callback, RunInfo
 from esft.config import GRPORunConfig
 from esft.engines.hf import HFEngine, resolve_device
 from esft.errors import ConfigError
@@ -209,12 +210,14 @@ class GRPORun:
         task: Task | None = None,
         resume: bool = False,
         allow_environment_change: bool = False,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         try:
             import trl  # noqa: F401
         except ImportError:
             raise ConfigError(TRL_MISSING) from None
         self.config = config
+        self.callbacks = runs.callbacks_for("grpo", callbacks)
         self.progress = progress
         self.resume = resume
         self.allow_environment_change = allow_environment_change
@@ -241,7 +244,9 @@ class GRPORun:
         self.state_dir = states[max(states)]
 
     def train(self) -> TrainResult:
-        return runs.run_training(self.store, self._train, self._disk_full_message)
+        return runs.run_training(
+            self.store, self._train, self._disk_full_message, self.callbacks.on_train_end
+        )
 
     def _disk_full_message(self) -> str:
         ckpts = self.store.checkpoints()
@@ -252,7 +257,6 @@ class GRPORun:
 
     def _train(self) -> TrainResult:
         from datasets import Dataset
-        from torch.utils.tensorboard import SummaryWriter
         from trl import GRPOConfig, GRPOTrainer
 
         cfg, store, task = self.config, self.store, self.task
@@ -280,7 +284,7 @@ class GRPORun:
                     store.drop_checkpoint(i)
         store.write_config({"trainer": "grpo", **cfg.to_dict(), "model_path": self.model_path})
         environment.write(store.root, env_now)
-        tb = SummaryWriter(str(store.root / "events"))
+        self.callbacks.on_train_begin(RunInfo(store.root, "grpo", store.read_config(), start))
         rewards = TaskRewardFunctions(task)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
@@ -291,7 +295,7 @@ class GRPORun:
             f"trainable params | {n_prompts} prompts x G={cfg.group_size} = {per_step} completions/step | "
             f"lr={cfg.learning_rate:g} beta={cfg.beta:g} loss {cfg.loss_type} | {steps} steps | run {store.root}"
         )
-        callback = _RunFolderCallback(self, engine, rewards, tb, steps)
+        callback = _RunFolderCallback(self, engine, rewards, steps)
         if start:
             done = [m for m in store.metrics() if m["iteration"] <= start]
             callback.resume(start, done[-1]["samples"] if done else 0, done[-1]["tokens"] if done else 0)
@@ -307,7 +311,7 @@ class GRPORun:
         trainer.remove_callback(PrinterCallback)
         replay_epochs_on_resume(trainer)
         if cfg.eval_every and not start:
-            self._evaluate(engine, 0, tb)
+            self._evaluate(engine, 0)
         with warnings.catch_warnings():
             # transformers 5 renamed gradient checkpointing; TRL still calls the old names every step
             warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
@@ -318,7 +322,7 @@ class GRPORun:
         last = callback.last_step
         if last and last not in store.checkpoints():
             self._checkpoint(engine, last)
-        tb.close()
+        self.callbacks.on_train_end()
         ckpts = store.checkpoints()
         return TrainResult(store.root, last, ckpts.get(last), store.evals())
 
@@ -371,9 +375,10 @@ class GRPORun:
         )
         engine.model.train(was_training)
         self._log(f"checkpoint: {path}")
+        self.callbacks.on_checkpoint(path, step)
         self.store.prune_checkpoints(cfg.keep_checkpoints, cfg.pin_checkpoints)
 
-    def _evaluate(self, engine: HFEngine, step: int, tb) -> None:
+    def _evaluate(self, engine: HFEngine, step: int) -> None:
         """Greedy evaluation of the current policy on the eval split(s), as ES evaluates."""
         cfg = self.config
         was_training = engine.model.training
@@ -388,7 +393,7 @@ class GRPORun:
                 cfg.batch_size,
                 step,
                 self.store,
-                tb,
+                self.callbacks,
                 self._log,
             )
         finally:
@@ -398,8 +403,8 @@ class GRPORun:
 class _RunFolderCallback(TrainerCallback):
     """Writes TRL's per-step logs into the esft run folder, checkpoints and evaluates on esft's cadence."""
 
-    def __init__(self, run: GRPORun, engine: HFEngine, rewards: TaskRewardFunctions, tb, steps: int) -> None:
-        self.run, self.engine, self.rewards, self.tb, self.steps = run, engine, rewards, tb, steps
+    def __init__(self, run: GRPORun, engine: HFEngine, rewards: TaskRewardFunctions, steps: int) -> None:
+        self.run, self.engine, self.rewards, self.steps = run, engine, rewards, steps
         self.samples = 0
         self.tokens = 0
         self.last_step = 0
@@ -424,7 +429,7 @@ class _RunFolderCallback(TrainerCallback):
         self.samples += n
         self.tokens += tokens
         metrics = grpo_metrics(step, self.samples, self.tokens, logs, summary, n, failures, seconds)
-        runs.record(self.run.store, self.tb, metrics, step)
+        runs.record(self.run.store, self.run.callbacks, metrics, step)
         self.bar.update(1)
         self.run._log(grpo_line(metrics, self.steps))
         self.last_step = step
@@ -433,12 +438,16 @@ class _RunFolderCallback(TrainerCallback):
         if runs.due(step, cfg.checkpoint_every, final):
             self.run._checkpoint(self.engine, step)
         if cfg.eval_every and runs.due(step, cfg.eval_every, final):
-            self.run._evaluate(self.engine, step, self.tb)
+            self.run._evaluate(self.engine, step)
         if final and cfg.budget_samples and self.samples >= cfg.budget_samples:
             self.run._log(
                 f"esft grpo: stopped after step {step}: {self.samples} samples generated, the budget is "
                 f"{cfg.budget_samples} (--budget-samples)"
             )
+        elif not final and self.run.callbacks.stop:
+            # a callback (e.g. a sweep's pruner) ends the run; the step is checkpointed after train()
+            self.run._log(f"esft grpo: stopped after step {step}: {self.run.callbacks.stop}")
+            control.should_training_stop = True
 
 
 def grpo_metrics(

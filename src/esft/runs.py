@@ -5,15 +5,15 @@
   model before anything is written; the lock is released if any of it fails;
 - :func:`run_training`: train under the lock, turn a full disk into a one-line error that says what
   was saved and how to continue, stop the engine's processes and release the lock on every path;
-- :func:`record` and :func:`due`: one metrics row to metrics.jsonl and TensorBoard, and the cadence of
-  checkpoints and evaluations;
+- :func:`record` and :func:`due`: one metrics row to metrics.jsonl and the run's callbacks
+  (:mod:`esft.callbacks`: TensorBoard, trackers, the caller's own), and the cadence of checkpoints and
+  evaluations;
 - :class:`TrainResult`: what ``train()`` returns.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from esft.callbacks import Callback, CallbackList, TensorBoardCallback
 from esft.errors import ConfigError
 from esft.models import resolve_model
 from esft.runstore import DiskFullError, RunStore, is_disk_full
@@ -142,12 +143,15 @@ def run_training(
             store.unlock()
 
 
-def record(store: RunStore, tb: Any, metrics: dict[str, Any], step: int) -> None:
-    """One metrics row: appended to metrics.jsonl, its finite numbers to TensorBoard at ``step``."""
+def record(store: RunStore, callbacks: Callback, metrics: dict[str, Any], step: int) -> None:
+    """One metrics row: appended to metrics.jsonl, then to the callbacks (TensorBoard, trackers)."""
     store.append_metrics(metrics)
-    for k, v in metrics.items():
-        if isinstance(v, int | float) and k != "iteration" and math.isfinite(v):
-            tb.add_scalar(k, v, step)
+    callbacks.on_log(metrics, step)
+
+
+def callbacks_for(trainer: str, extra: list[Callback] | None) -> CallbackList:
+    """The callbacks of a run: TensorBoard, then the caller's own."""
+    return CallbackList([TensorBoardCallback(), *(extra or [])])
 
 
 def due(step: int, every: int, final: bool) -> bool:

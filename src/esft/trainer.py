@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from esft import distributed, environment, runs
+from esft.callbacks import Callback, RunInfo
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
 from esft.errors import ConfigError
@@ -146,8 +147,10 @@ class ESTrainer:
         progress: bool = True,
         task: Task | None = None,
         allow_environment_change: bool = False,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         self.config = config
+        self.callbacks = runs.callbacks_for("es", callbacks)
         self.allow_environment_change = allow_environment_change
         self.progress = progress
         self._log = runs.console(progress)
@@ -166,9 +169,12 @@ class ESTrainer:
 
     def train(self) -> TrainResult:
         # an engine with its own processes (vLLM's engine core, Ray workers) stops with the run
-        return runs.run_training(
-            self.store, self._train, self._disk_full_message, lambda: self.engine and self.engine.close()
-        )
+        return runs.run_training(self.store, self._train, self._disk_full_message, self._close)
+
+    def _close(self) -> None:
+        self.callbacks.on_train_end()
+        if self.engine is not None:
+            self.engine.close()
 
     def _disk_full_message(self) -> str:
         store = self.store
@@ -185,11 +191,11 @@ class ESTrainer:
         cfg = self.config
         start, engine, params = self._load_state(self.model_path)
         self.params = params
-        tb = self._open_run(start, engine, params)
+        self._open_run(start, engine, params)
         done = self._progress_so_far()
         if over_budget(cfg.budget_samples, done.samples):
             self._log(f"esft: the budget of {cfg.budget_samples} samples is spent ({done.samples} generated)")
-            return self._finish(engine, tb, start)
+            return self._finish(engine, start)
         bar = tqdm(
             total=cfg.iterations,
             initial=start,
@@ -201,21 +207,23 @@ class ESTrainer:
         last = start
         for t in range(start + 1, cfg.iterations + 1):
             metrics = self._iteration(t, engine, params, done)
-            runs.record(self.store, tb, metrics, t)
+            runs.record(self.store, self.callbacks, metrics, t)
             bar.update(1)
             self._log(summary_line(metrics, cfg.iterations))
             stop = self._stop_reason(t, done)
+            if stop is None and self.callbacks.stop:
+                stop = f"esft: stopped after iteration {t}: {self.callbacks.stop}"
             final = t == cfg.iterations or stop is not None
             last = t
             if runs.due(t, cfg.checkpoint_every, final):
                 self._checkpoint(engine, t)
             if cfg.eval_every and runs.due(t, cfg.eval_every, final):
-                self._evaluate(engine, t, tb)
+                self._evaluate(engine, t)
             if stop is not None:
                 self._log(stop)
                 break
         bar.close()
-        return self._finish(engine, tb, last)
+        return self._finish(engine, last)
 
     def _iteration(self, t: int, engine: Engine, params: ParamSet, done: _Progress) -> dict[str, Any]:
         """Iteration ``t``, steps 1-4 of the module docstring; its metrics row."""
@@ -281,27 +289,25 @@ class ESTrainer:
             )
         return None
 
-    def _finish(self, engine: Engine, tb, last: int) -> TrainResult:
+    def _finish(self, engine: Engine, last: int) -> TrainResult:
         store = self.store
         if last not in store.checkpoints():  # e.g. killed between the last update and its save
             self._checkpoint(engine, last)
-        tb.close()
+        self.callbacks.on_train_end()
         ckpts = store.checkpoints()
         evals = [e for e in store.evals() if e["iteration"] <= last]
         return TrainResult(store.root, last, ckpts.get(last), evals)
 
     # -- pieces -----------------------------------------------------------------------------------
 
-    def _open_run(self, start: int, engine: Engine, params: ParamSet):
-        """Write the run's config, clear stale temporary files, open TensorBoard, say what runs, and
-        evaluate the base model on a fresh start; the TensorBoard writer."""
+    def _open_run(self, start: int, engine: Engine, params: ParamSet) -> None:
+        """Write the run's config, clear stale temporary files, start the callbacks (TensorBoard,
+        trackers), say what runs, and evaluate the base model on a fresh start."""
         cfg, store = self.config, self.store
         reset_peak()  # perf/peak_rss_mb: training's high-water mark, not the transient copies of loading
         store.write_config({"trainer": "es", **cfg.to_dict(), "model_path": self.model_path})
         store.clean_temp()
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(store.root / "events"), purge_step=start + 1)
+        self.callbacks.on_train_begin(RunInfo(store.root, "es", store.read_config(), start))
         self._log(
             f"esft: {self.task.name} | model {cfg.model or 'embedded default'} | {params.numel / 1e6:.1f}M "
             f"trainable params | N={cfg.population} sigma={cfg.sigma:g} alpha={cfg.alpha:g} | noise {cfg.noise}"
@@ -309,8 +315,7 @@ class ESTrainer:
             + f" | run {store.root}"
         )
         if cfg.eval_every and start == 0:
-            self._evaluate(engine, 0, tb)
-        return tb
+            self._evaluate(engine, 0)
 
     def _progress_so_far(self) -> _Progress:
         """Samples, tokens and the flat streak through the last logged iteration (0 on a fresh start)."""
@@ -395,6 +400,7 @@ class ESTrainer:
             {"base_model": cfg.model or "embedded default"},
         )
         self._log(f"checkpoint: {path}")
+        self.callbacks.on_checkpoint(path, t)
         dropped = self.store.prune_checkpoints(cfg.keep_checkpoints, cfg.pin_checkpoints)
         if dropped:
             self._log(
@@ -402,7 +408,7 @@ class ESTrainer:
                 "esft replay rebuilds any iteration from the seed log)"
             )
 
-    def _evaluate(self, engine: Engine, t: int, tb) -> list[dict[str, Any]]:
+    def _evaluate(self, engine: Engine, t: int) -> list[dict[str, Any]]:
         """Evaluate the unperturbed model on the eval split(s) (evaluate.periodic_eval)."""
         cfg = self.config
         return periodic_eval(
@@ -414,7 +420,7 @@ class ESTrainer:
             cfg.batch_size,
             t,
             self.store,
-            tb,
+            self.callbacks,
             self._log,
             self.progress,
         )
