@@ -82,6 +82,10 @@ class RunConfig:
     """Rows used by periodic evaluation; 0 = all."""
     eval_split: str = "test"
     """Split used by periodic evaluation: test (held out), train (the prompts being optimised) or both."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that receive the metrics (TRL's report_to): tensorboard, wandb, mlflow,
+    trackio, several at once, all (every installed one) or none; metrics.jsonl is always written
+    (docs/trackers.md)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +157,9 @@ class RunConfig:
             isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze),
             "freeze must be a list of name patterns",
         )
+        from esft.trackers import parse_report_to
+
+        self.report_to = parse_report_to(self.report_to)  # a YAML list, or names separated by commas
 
     # settings that must be integers >= 0
     COUNTS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_limit", "budget_samples")

@@ -6,8 +6,8 @@
 - :func:`run_training`: train under the lock, turn a full disk into a one-line error that says what
   was saved and how to continue, stop the engine's processes and release the lock on every path;
 - :func:`record` and :func:`due`: one metrics row to metrics.jsonl and the run's callbacks
-  (:mod:`esft.callbacks`: TensorBoard, trackers, the caller's own), and the cadence of checkpoints and
-  evaluations;
+  (:mod:`esft.callbacks`: the trackers of :mod:`esft.trackers`, the caller's own), and the cadence of
+  checkpoints and evaluations;
 - :class:`TrainResult`: what ``train()`` returns.
 """
 
@@ -21,11 +21,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from esft.callbacks import Callback, CallbackList, TensorBoardCallback
+from esft.callbacks import Callback, CallbackList
 from esft.errors import ConfigError
 from esft.models import resolve_model
 from esft.runstore import DiskFullError, RunStore, is_disk_full
 from esft.tasks import Task
+from esft.trackers import trackers_for
 
 # Settings a resumed run may change; anything else would change the trajectory.
 RESUMABLE = {
@@ -39,6 +40,7 @@ RESUMABLE = {
     "eval_limit",
     "eval_split",
     "output",
+    "report_to",  # where metrics are also sent (esft/trackers.py); metrics.jsonl is the same
     # where members are scored (Ray workers give the same results as one process: esft/distributed)
     "workers",
     "ray_address",
@@ -149,9 +151,11 @@ def record(store: RunStore, callbacks: Callback, metrics: dict[str, Any], step: 
     callbacks.on_log(metrics, step)
 
 
-def callbacks_for(trainer: str, extra: list[Callback] | None) -> CallbackList:
-    """The callbacks of a run: TensorBoard, then the caller's own."""
-    return CallbackList([TensorBoardCallback(), *(extra or [])])
+def callbacks_for(trainer: str, extra: list[Callback] | None, report_to: list[str]) -> CallbackList:
+    """The callbacks of a run: the trackers of ``report_to`` (``--report-to``: TensorBoard, W&B, MLflow,
+    Trackio; :mod:`esft.trackers`), then the caller's own. A tracker whose package is missing is a
+    one-line ConfigError here, before the run folder is touched."""
+    return CallbackList([*trackers_for(report_to), *(extra or [])])
 
 
 def due(step: int, every: int, final: bool) -> bool:
