@@ -10,6 +10,7 @@ Layout::
       events/                  TensorBoard event files
       checkpoints/iter-000010  Hugging Face format (safetensors + config + tokenizer) + esft_checkpoint.json
                                (+ es-state/master.safetensors: float32 masters, es/precision.py)
+                               + README.md, its model card (model_card.py)
 
 Base model + seed log determine every ES checkpoint exactly. Checkpoints are written to a hidden temp
 folder and renamed into place, so a crash never leaves a half-written checkpoint that resume would trust.
