@@ -17,13 +17,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     # the trainers load on first use, so `import esft.analysis` (which reads run folders and never
-    # trains) does not import them, and `import esft` stays light
-    if name == "ESTrainer":
-        from esft.trainer import ESTrainer
+    # trains) does not import them, and `import esft` stays light. esft.ESTrainer and esft.GRPORun are
+    # the TRL-shaped API (esft/api.py), which also takes the CLI-era ESTrainer(config, ...) form; the
+    # CLI's classes stay esft.trainer.ESTrainer and esft.grpo.GRPORun.
+    if name in ("ESTrainer", "GRPORun"):
+        from esft import api
 
-        return ESTrainer
-    if name == "GRPORun":
-        from esft.grpo import GRPORun
-
-        return GRPORun
+        return getattr(api, name)
     raise AttributeError(f"module 'esft' has no attribute {name!r}")

@@ -90,16 +90,13 @@ def load_task(
 def _with_reward(task: Task, reward: str | list[str] | None, weights: list[float] | None = None) -> Task:
     specs = [reward] if isinstance(reward, str) else list(reward or [])
     if specs:
-        parts = []
+        functions = []
         for spec in specs:
             fn = import_object(spec)
             if not callable(fn):
                 raise ConfigError(f"--reward {spec!r} is not callable")
-            name = getattr(fn, "__name__", None) or type(fn).__name__
-            while name in {p.name for p in parts}:  # two functions of the same name stay two parts
-                name += "_"
-            parts.append(RewardPart(name, fn, 1.0))
-        task.rewards = parts
+            functions.append(fn)
+        task.rewards = custom.reward_parts(functions)  # two functions of the same name stay two parts
         task.metrics = None
     if not task.rewards:
         raise ConfigError(
