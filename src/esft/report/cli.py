@@ -42,7 +42,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "configs side by side, from run folders and the JSON of esft analyze (docs/report.md)."
         ),
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (ES and GRPO alike)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folders (ES and GRPO alike), or sweep folders (esft sweep: best trials, parameter "
+        "importance, objective against each parameter)",
+    )
     p.add_argument(
         "--output", "-o", required=True, metavar="DIR", help="folder for the PNGs, report.html, report.json"
     )
@@ -55,18 +61,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="more analysis JSON files (written with esft analyze --json); RUN/analysis/*.json are always read",
     )
     p.add_argument("--title", help="page title (default: the run names)")
+    p.add_argument(
+        "--best",
+        type=int,
+        default=3,
+        metavar="K",
+        help="a sweep's K best trials join the report as runs (curves, configs, cost; default 3, 0: none)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute the parsed ``esft report`` command; 0 on success. User errors raise ConfigError."""
-    result = build_report(args.runs, args.output, args.analysis, args.title)
+    result = build_report(args.runs, args.output, args.analysis, args.title, args.best)
     print_summary(result)
     return 0
 
 
-def default_title(runs: list[Run]) -> str:
-    names = [r.display for r in runs]
+def default_title(runs: list[Run], sweeps: list[Any] | None = None) -> str:
+    names = [f"sweep {s.name}" for s in sweeps or []] + [r.display for r in runs]
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return f"esft report: {shown}"
 
@@ -76,16 +89,28 @@ def build_report(
     output: str | Path,
     analysis_files: list[str] | None = None,
     title: str | None = None,
+    best: int = 3,
 ) -> dict[str, Any]:
-    """Read the runs and analyses, write the PNGs, report.html and report.json into ``output``; returns
-    what report.json holds."""
+    """Read the runs, sweeps and analyses, write the PNGs, report.html and report.json into ``output``;
+    returns what report.json holds. A sweep folder among ``run_specs`` adds its section, and its
+    ``best`` best trials join the runs."""
     try:
         from esft.report import plots
         from esft.report.page import write_page
     except ImportError as e:  # pragma: no cover - matplotlib is a dependency of the report only
         raise ConfigError(f"esft report needs matplotlib ({e}): pip install -e '.[report]'") from None
 
-    runs = load_runs(list(run_specs))
+    from esft.report import sweep as sweep_data
+    from esft.sweep.layout import is_sweep
+
+    if best < 0:
+        raise ConfigError(f"--best must be >= 0, got {best}")
+    sweeps = [sweep_data.load_sweep(s) for s in run_specs if is_sweep(s)]
+    specs = [s for s in run_specs if not is_sweep(s)]
+    specs += [str(p) for sw in sweeps for p in sweep_data.trial_runs(sw, best)]
+    if not specs and not sweeps:
+        raise ConfigError("no runs: esft report RUN [RUN...] --output DIR")
+    runs = load_runs(specs) if specs else []
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {output} exists and is not a folder")
@@ -110,11 +135,33 @@ def build_report(
             (out / f"{name}.png").unlink(missing_ok=True)
     for p in produced:
         notes += p.details.get("notes", [])
+    sweep_plots = [
+        (
+            sw,
+            [
+                p
+                for p in (
+                    plots.sweep_history(sw, out),
+                    plots.sweep_importance(sw, out),
+                    plots.sweep_params(sw, out),
+                    plots.sweep_intermediate(sw, out),
+                )
+                if p is not None
+            ],
+        )
+        for sw in sweeps
+    ]
+    drawn = {p.png.name for _, ps in sweep_plots for p in ps}
+    for png in out.glob(f"{plots.SWEEP_PREFIX}*.png"):
+        if png.name not in drawn:
+            png.unlink()
     missing = missing_analyses(runs, analyses)
-    page = write_page(out / PAGE, title or default_title(runs), runs, groups, produced, missing, notes)
+    title = title or default_title(runs, sweeps)
+    page = write_page(out / PAGE, title, runs, groups, produced, missing, notes, sweep_plots)
     result = {
-        "title": title or default_title(runs),
+        "title": title,
         "page": str(page),
+        "sweeps": [sweep_json(sw, ps) for sw, ps in sweep_plots],
         "runs": [
             {"name": r.display, "path": str(r.path), "trainer": r.trainer, "task": r.task, "cost": r.cost()}
             for r in runs
@@ -139,8 +186,39 @@ def build_report(
     return result
 
 
+def sweep_json(sweep: Any, plots: list[Any]) -> dict[str, Any]:
+    """What report.json says about a sweep."""
+    return {
+        "name": sweep.name,
+        "path": str(sweep.path),
+        "method": sweep.method,
+        "metric": sweep.metric,
+        "direction": sweep.direction,
+        "n_trials": sweep.n_trials,
+        "states": sweep.states(),
+        "best": [
+            {"trial": t.number, "value": t.value, "params": t.params, "derived": t.derived}
+            | {"run": str(t.run_dir) if t.run_dir else None, "iterations": t.iterations}
+            for t in sweep.best()
+        ],
+        "importance": sweep.importance,
+        "importance_note": sweep.importance_note,
+        "plots": [{"name": p.name, "png": str(p.png), "details": p.details} for p in plots],
+    }
+
+
 def print_summary(result: dict[str, Any]) -> None:
     runs, groups = result["runs"], result["groups"]
+    for sw in result.get("sweeps", []):
+        best = sw["best"][0] if sw["best"] else None
+        states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(sw["states"].items()))
+        top = f"; best trial {best['trial']}: {sw['metric']} {best['value']:.4g}" if best else ""
+        print(f"esft report: sweep {sw['name']} ({states}){top}")
+        if sw["importance"]:
+            ranked = sorted(sw["importance"].items(), key=lambda kv: -kv[1])
+            print("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
+        elif sw["importance_note"]:
+            print(f"  {sw['importance_note']}")
     print(f"esft report: {len(runs)} runs in {len(groups)} groups -> {result['page']}")
     for g in groups:
         print(f"  {g['label']}: {', '.join(g['runs'])}")

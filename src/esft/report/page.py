@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import struct
 import time
 from pathlib import Path
@@ -181,6 +182,89 @@ def _missing(missing: list[dict[str, str]]) -> str:
     return '<ul class="missing">\n' + "\n".join(items) + "\n</ul>"
 
 
+def _sweep_link(run_dir: Path | None, page_dir: Path) -> str:
+    """A link to a trial's run folder, relative to the page (the page stays next to its PNGs)."""
+    if run_dir is None:
+        return ABSENT
+    try:
+        href = os.path.relpath(run_dir.resolve(), page_dir.resolve())
+    except ValueError:  # another drive
+        href = run_dir.resolve().as_uri()
+    return f'<a href="{esc(href)}/">{esc(run_dir.name)}</a>'
+
+
+def sweep_rows(sweep: Any) -> tuple[list[str], list[list[Any]]]:
+    """The best-trials table of a sweep: headers and rows (rank, trial, objective, parameters, derived
+    settings, iterations; the run folder is added by the page)."""
+    best = sweep.best()
+    params = list(sweep.kinds)
+    derived = list(dict.fromkeys(k for t in best for k in t.derived))
+    headers = ["rank", "trial", sweep.metric, *params, *derived, "iterations"]
+    rows = [
+        [i, t.number, t.value, *(t.params.get(p) for p in params), *(t.derived.get(d) for d in derived)]
+        + [t.iterations]
+        for i, t in enumerate(best, 1)
+    ]
+    return headers, rows
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, int | float) and not isinstance(v, bool) or v is None:
+        return f'<td class="num">{esc(fmt(v))}</td>'
+    return f"<td>{esc(fmt(v))}</td>"
+
+
+def _sweep_section(sweep: Any, plots: list[Plot], page_dir: Path, anchor: str) -> str:
+    """One sweep: what it searched, its best trials (linked to their run folders), parameter importance,
+    the plots, and the trials that failed."""
+    config = sweep.config
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(sweep.states().items())) or "no trials"
+    sampler = config.get("sampler") or {}
+    pruner = config.get("pruner") or {}
+    options = lambda d: ", ".join(f"{k}={v}" for k, v in d.items() if k != "name")  # noqa: E731
+    space = "; ".join(f"{k}: {config_value(v)}" for k, v in (config.get("space") or {}).items())
+    out = [
+        f'<section id="{esc(anchor)}">',
+        f"<h2>Sweep {esc(sweep.name)} ({esc(sweep.method)})</h2>",
+        f"<p>{esc(sweep.path)}: {esc(states)} of n_trials {esc(sweep.n_trials)}; objective "
+        f"<code>{esc(sweep.metric)}</code>, {esc(sweep.direction)}; sampler {esc(sampler.get('name'))} "
+        f"({esc(options(sampler))}), pruner {esc(pruner.get('name'))}"
+        f"{' (' + esc(options(pruner)) + ')' if options(pruner) else ''}.</p>",
+        f"<p>Space: <code>{esc(space)}</code></p>",
+    ]
+    headers, rows = sweep_rows(sweep)
+    if rows:
+        out.append(f"<h2>Best trials ({len(rows)} completed)</h2>")
+        out.append('<div class="scroll"><table class="sweep-best">')
+        out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in [*headers, "run folder"]) + "</tr>")
+        for row, t in zip(rows, sweep.best(), strict=True):
+            cells = "".join(_cell(v) for v in row)
+            out.append(f"<tr>{cells}<td>{_sweep_link(t.run_dir, page_dir)}</td></tr>")
+        out.append("</table></div>")
+    else:
+        out.append("<p>No trial has completed yet.</p>")
+    out.append("<h2>Parameter importance</h2>")
+    if sweep.importance:
+        out.append('<table class="sweep-importance"><tr><th>parameter</th><th>importance</th></tr>')
+        for k, v in sorted(sweep.importance.items(), key=lambda kv: -kv[1]):
+            out.append(f'<tr><td>{esc(k)}</td><td class="num">{esc(fmt(v))}</td></tr>')
+        out.append("</table>")
+    if sweep.importance_note:
+        out.append(f"<p>{esc(sweep.importance_note)}</p>")
+    failed = [t for t in sweep.trials if t.state == "FAIL"]
+    if failed:
+        out.append("<h2>Failed trials</h2><ul>")
+        for t in failed:
+            first = t.retry_of if t.retry_of is not None else t.number
+            again = [r.number for r in sweep.trials if r.retry_of == first and r.number > t.number]
+            rerun = f" (re-run as trial {again[0]})" if again else ""
+            out.append(f"<li>trial {t.number}: {esc(t.error or 'no error recorded')}{rerun}</li>")
+        out.append("</ul>")
+    out.append("</section>")
+    out += [_figure(p) for p in plots]
+    return "\n".join(out)
+
+
 def write_page(
     path: Path,
     title: str,
@@ -189,10 +273,15 @@ def write_page(
     plots: list[Plot],
     missing: list[dict[str, str]],
     notes: list[str],
+    sweeps: list[tuple[Any, list[Plot]]] | None = None,
 ) -> Path:
-    """Write the self-contained HTML page to ``path``."""
+    """Write the self-contained HTML page to ``path``; ``sweeps``: (sweep, its plots) from
+    ``report.sweep`` and ``plots.sweep_*``, shown first."""
     when = time.strftime("%Y-%m-%d %H:%M")
-    nav = [("configs", "Configs"), ("cost", "Cost")] + [(f"plot-{p.name}", p.title) for p in plots]
+    sweeps = sweeps or []
+    anchors = [f"sweep-{i}" for i in range(len(sweeps))]
+    nav = [(a, f"Sweep {s.name}") for a, (s, _) in zip(anchors, sweeps, strict=True)]
+    nav += [("configs", "Configs"), ("cost", "Cost")] + [(f"plot-{p.name}", p.title) for p in plots]
     nav += [("missing", "Missing analyses")]
     parts = [
         "<!DOCTYPE html>",
@@ -205,6 +294,7 @@ def write_page(
         f"{len(groups)} group{'s' if len(groups) != 1 else ''} (runs that differ only in seed), "
         f"{len(plots)} plot{'s' if len(plots) != 1 else ''}.</p>",
         "<nav>" + "".join(f'<a href="#{esc(a)}">{esc(t)}</a>' for a, t in nav) + "</nav>",
+        *(_sweep_section(s, ps, path.parent, a) for a, (s, ps) in zip(anchors, sweeps, strict=True)),
         '<section id="configs">\n<h2>Run configs</h2>',
         '<p><span class="legend-diff">Highlighted</span> rows differ between runs; '
         f"{ABSENT} = not in that run's config.</p>",

@@ -21,6 +21,7 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from esft.analysis.naming import layer_order
 from esft.analysis.tables import fmt
@@ -700,3 +701,175 @@ def _checkpoint_label(path: Any) -> str:
     if p.parent.name == "checkpoints":
         return f"{p.parent.parent.name}@{p.name.removeprefix('iter-').lstrip('0') or '0'}"
     return p.name or str(path)
+
+
+# -- sweeps (esft sweep) ---------------------------------------------------------------------------
+
+SWEEP_PREFIX = "sweep-"  # every sweep plot's file name starts so (a re-run removes stale ones)
+STATE_STYLE = {
+    "COMPLETE": {"marker": "o", "color": "#1f77b4", "label": "complete"},
+    "PRUNED": {"marker": "x", "color": "#7f7f7f", "label": "pruned (last reported value)"},
+}
+
+
+def sweep_slug(sweep: Any) -> str:
+    """A file-name-safe name for a sweep's plots."""
+    text = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(sweep.path.resolve().name))
+    return text or "sweep"
+
+
+def _sweep_points(sweep: Any) -> list[Any]:
+    return [t for t in sweep.trials if t.state in STATE_STYLE and t.value is not None]
+
+
+def sweep_history(sweep: Any, out: Path) -> Plot | None:
+    """The objective of every trial against its number, with the best so far."""
+    points = _sweep_points(sweep)
+    if not points:
+        return None
+    maximize = sweep.direction == "maximize"
+    name = f"{SWEEP_PREFIX}{sweep_slug(sweep)}-history"
+    with rc_context(STYLE):
+        fig, (ax,) = _figure(1, height=3.6)
+        for state, style in STATE_STYLE.items():
+            pts = [(t.number, t.value) for t in points if t.state == state]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), s=28, **style)
+        done = sorted((t.number, t.value) for t in points if t.state == "COMPLETE")
+        if done:
+            best, xs, ys = None, [], []
+            for n, v in done:
+                best = v if best is None else (max(best, v) if maximize else min(best, v))
+                xs.append(n)
+                ys.append(best)
+            ax.step(xs, ys, where="post", color="#d62728", lw=1.6, label="best so far")
+        ax.set(title=f"{sweep.name}: objective per trial", xlabel="trial", ylabel=sweep.metric)
+        _legend(ax)
+        path = _save(fig, out, name)
+    return Plot(
+        name,
+        f"Sweep {sweep.name}: history",
+        f"{sweep.metric} ({sweep.direction}) of every finished trial at its last evaluation, by trial "
+        "number; pruned trials at the last value they reported before they were stopped; the line is the "
+        "best completed trial so far.",
+        path,
+        [str(sweep.path / "sweep.yaml")],
+        {"points": len(points), "complete": len(done)},
+    )
+
+
+def sweep_importance(sweep: Any, out: Path) -> Plot | None:
+    """Optuna's parameter importance (fANOVA) as horizontal bars."""
+    if not sweep.importance:
+        return None
+    name = f"{SWEEP_PREFIX}{sweep_slug(sweep)}-importance"
+    items = sorted(sweep.importance.items(), key=lambda kv: kv[1])
+    with rc_context(STYLE):
+        fig, (ax,) = _figure(1, height=max(2.0, 0.45 * len(items) + 1.2))
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#1f77b4")
+        for i, (_, v) in enumerate(items):
+            ax.text(v, i, f" {v:.2f}", va="center")
+        ax.set_xlim(0, max(1.0, max(v for _, v in items) * 1.15))
+        ax.set(title=f"{sweep.name}: parameter importance (fANOVA)", xlabel="importance (sums to 1)")
+        path = _save(fig, out, name)
+    return Plot(
+        name,
+        f"Sweep {sweep.name}: parameter importance",
+        "How much of the objective's variance over the completed trials each parameter explains "
+        "(optuna.importance.get_param_importances, fANOVA, seeded). Few trials give rough estimates.",
+        path,
+        [str(sweep.path / "sweep.yaml")],
+        {"importance": dict(sweep.importance)},
+    )
+
+
+def sweep_params(sweep: Any, out: Path) -> Plot | None:
+    """The objective against each parameter: one scatter panel per parameter (log axis for a log
+    range, the choices in order for a categorical one), pruned trials in grey."""
+    points = _sweep_points(sweep)
+    names = [n for n in sweep.param_names() if any(n in t.params for t in points)]
+    if not points or not names:
+        return None
+    name = f"{SWEEP_PREFIX}{sweep_slug(sweep)}-params"
+    ncols = min(len(names), 3)
+    nrows = math.ceil(len(names) / ncols)
+    panels = []
+    with rc_context(STYLE):
+        fig, axes = _figure(ncols, height=3.6, nrows=nrows)
+        for ax in axes[len(names) :]:
+            ax.set_visible(False)
+        for ax, param in zip(axes, names, strict=False):
+            kind = sweep.kinds.get(param, "linear")
+            values = [t.params[param] for t in points if param in t.params]
+            categories = []
+            if kind == "categorical":  # the choices in order (numbers by value)
+                unique = list(dict.fromkeys(values))
+                if all(isinstance(v, int | float) and not isinstance(v, bool) for v in unique):
+                    unique.sort()
+                categories = [repr(v) for v in unique]
+            for state, style in STATE_STYLE.items():
+                pts = [(t.params[param], t.value) for t in points if t.state == state and param in t.params]
+                if not pts:
+                    continue
+                xs = [categories.index(repr(x)) if categories else x for x, _ in pts]
+                ax.scatter(xs, [y for _, y in pts], s=28, **style)
+            if categories:
+                ax.set_xticks(range(len(categories)), [c.strip("'") for c in categories])
+            elif kind == "log":
+                ax.set_xscale("log")
+            ax.set(title=param, xlabel=f"{param}{' (log)' if kind == 'log' else ''}", ylabel=sweep.metric)
+            panels.append({"param": param, "kind": kind, "points": len(values)})
+        _shared_legend(fig, axes[: len(names)])
+        path = _save(fig, out, name)
+    return Plot(
+        name,
+        f"Sweep {sweep.name}: objective against each parameter",
+        f"{sweep.metric} of every finished trial against the value each parameter took (Optuna's slice "
+        "plot): blue dots completed, grey crosses pruned (at their last reported value).",
+        path,
+        [str(sweep.path / "sweep.yaml")],
+        {"panels": panels},
+    )
+
+
+def sweep_intermediate(sweep: Any, out: Path) -> Plot | None:
+    """The objective metric at every periodic evaluation of every trial: where pruning stopped them."""
+    trials = [t for t in sweep.trials if len(t.intermediate) >= 1]
+    if not trials:
+        return None
+    name = f"{SWEEP_PREFIX}{sweep_slug(sweep)}-intermediate"
+    with rc_context(STYLE):
+        fig, (ax,) = _figure(1, height=3.6)
+        for t in trials:
+            pts = sorted(t.intermediate.items())
+            pruned = t.state == "PRUNED"
+            ax.plot(
+                *zip(*pts, strict=True),
+                color=STATE_STYLE["PRUNED"]["color"] if pruned else STATE_STYLE["COMPLETE"]["color"],
+                alpha=0.55 if pruned else 0.9,
+                ls="--" if pruned else "-",
+                marker="x" if pruned else "o",
+                ms=3,
+                lw=1.2,
+            )
+        handles = [
+            Line2D(
+                [], [], color=STATE_STYLE["COMPLETE"]["color"], marker="o", ms=3, label="completed / running"
+            ),
+            Line2D([], [], color=STATE_STYLE["PRUNED"]["color"], ls="--", marker="x", ms=3, label="pruned"),
+        ]
+        ax.legend(handles=handles, loc="best")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(
+            title=f"{sweep.name}: {sweep.metric} at each evaluation", xlabel="iteration", ylabel=sweep.metric
+        )
+        path = _save(fig, out, name)
+    return Plot(
+        name,
+        f"Sweep {sweep.name}: evaluations",
+        f"{sweep.metric} at every periodic evaluation of every trial (the values reported to the pruner; "
+        "iteration 0, the base model, is not reported). Dashed grey: trials the pruner stopped.",
+        path,
+        [str(sweep.path / "sweep.yaml")],
+        {"trials": len(trials), "pruned": sum(t.state == "PRUNED" for t in trials)},
+    )
