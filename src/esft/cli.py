@@ -1,4 +1,4 @@
-"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, analyze, report, replay.
+"""The ``esft`` command: train (ES), grpo (the RL baseline), eval, bench, analyze, report, replay, sweep.
 
 Every training setting is an ESConfig field; it can come from ``--config FILE`` (YAML/TOML/JSON) and
 from a flag of the same name, and flags win. ``esft train`` with no arguments runs the quickstart.
@@ -64,6 +64,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type[RunConfig] = ESConfi
             p.add_argument(flag, action="append", metavar="MODULE:FUNCTION", help=help_text)
         elif f.name == "reward_weights":
             p.add_argument(flag, type=float, nargs="+", metavar="W", help=help_text)
+        elif f.name == "report_to":
+            p.add_argument(flag, nargs="+", metavar="NAME", help=help_text)
         elif f.type in ("bool",):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type in ("int", "int | None"):
@@ -476,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     from esft.report import cli as report_cli
 
     report_cli.add_parser(sub)
+    from esft.sweep import cli as sweep_cli
+
+    sweep_cli.add_parser(sub)
 
     p = sub.add_parser(
         "replay",
@@ -517,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
             from esft.report import cli as report_cli
 
             return report_cli.run(args)
+        if args.command == "sweep":
+            from esft.sweep import cli as sweep_cli
+
+            return sweep_cli.run(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "bench":

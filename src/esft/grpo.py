@@ -35,7 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
 
-from esft import environment, runs
+from esft import environment, model_card, runs
 from esft.callbacks import Callback, RunInfo
 from esft.config import GRPORunConfig
 from esft.engines.hf import HFEngine, resolve_device
@@ -211,13 +211,17 @@ class GRPORun:
         resume: bool = False,
         allow_environment_change: bool = False,
         callbacks: list[Callback] | None = None,
+        trainer_callbacks: list[TrainerCallback] | None = None,
     ) -> None:
+        """``trainer_callbacks``: transformers ``TrainerCallback`` objects handed to TRL's GRPOTrainer
+        as they are (the Python API's ``callbacks=`` passes them here: TRL's own logs and controls)."""
         try:
             import trl  # noqa: F401
         except ImportError:
             raise ConfigError(TRL_MISSING) from None
         self.config = config
-        self.callbacks = runs.callbacks_for("grpo", callbacks)
+        self.trainer_callbacks = list(trainer_callbacks or [])
+        self.callbacks = runs.callbacks_for("grpo", callbacks, config.report_to)
         self.progress = progress
         self.resume = resume
         self.allow_environment_change = allow_environment_change
@@ -306,7 +310,7 @@ class GRPORun:
             args=args,
             train_dataset=Dataset.from_list(task.train),
             processing_class=engine.tokenizer,
-            callbacks=[callback],
+            callbacks=[callback, *self.trainer_callbacks],
         )
         trainer.remove_callback(PrinterCallback)
         replay_epochs_on_resume(trainer)
@@ -360,7 +364,7 @@ class GRPORun:
             save_steps=cfg.checkpoint_every or 500,
             save_total_limit=1,
             save_only_model=False,
-            report_to=[],
+            report_to="none",  # esft's trackers (config.report_to) log the rows, with ES's metric names
             disable_tqdm=True,  # esft's own bar and step lines instead of TRL's printed log dicts
             remove_unused_columns=False,
             dataloader_num_workers=0,
@@ -370,8 +374,13 @@ class GRPORun:
         cfg = self.config
         was_training = engine.model.training
         engine.model.eval()
+
+        def write(folder: Path) -> None:  # the weights, then the model card (esft/model_card.py)
+            engine.save(folder)
+            model_card.write_card(folder, self.store, step, model_card.reward_parts(self.task))
+
         path = self.store.save_checkpoint(
-            step, engine.save, {"base_model": cfg.model or "embedded default", "trainer": "grpo"}
+            step, write, {"base_model": cfg.model or "embedded default", "trainer": "grpo"}
         )
         engine.model.train(was_training)
         self._log(f"checkpoint: {path}")
@@ -398,6 +407,8 @@ class GRPORun:
             )
         finally:
             engine.model.train(was_training)
+        # the card of this step's checkpoint, written before the evaluation, now shows its results
+        model_card.refresh_card(self.store, step, model_card.reward_parts(self.task))
 
 
 class _RunFolderCallback(TrainerCallback):

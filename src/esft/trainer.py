@@ -15,12 +15,13 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from esft import distributed, environment, runs
+from esft import distributed, environment, model_card, runs
 from esft.callbacks import Callback, RunInfo
 from esft.config import ESConfig
 from esft.engines import Engine, build_engine
@@ -150,7 +151,7 @@ class ESTrainer:
         callbacks: list[Callback] | None = None,
     ) -> None:
         self.config = config
-        self.callbacks = runs.callbacks_for("es", callbacks)
+        self.callbacks = runs.callbacks_for("es", callbacks, config.report_to)
         self.allow_environment_change = allow_environment_change
         self.progress = progress
         self._log = runs.console(progress)
@@ -219,6 +220,8 @@ class ESTrainer:
                 self._checkpoint(engine, t)
             if cfg.eval_every and runs.due(t, cfg.eval_every, final):
                 self._evaluate(engine, t)
+            if stop is None and self.callbacks.stop:  # set by on_evaluate (e.g. a sweep's pruner)
+                stop = f"esft: stopped after iteration {t}: {self.callbacks.stop}"
             if stop is not None:
                 self._log(stop)
                 break
@@ -394,11 +397,12 @@ class ESTrainer:
 
     def _checkpoint(self, engine: Engine, t: int) -> None:
         cfg = self.config
-        path = self.store.save_checkpoint(
-            t,
-            lambda p: save_weights(engine, self.params, p),
-            {"base_model": cfg.model or "embedded default"},
-        )
+
+        def write(folder: Path) -> None:  # the weights, then the model card (esft/model_card.py)
+            save_weights(engine, self.params, folder)
+            model_card.write_card(folder, self.store, t, model_card.reward_parts(self.task))
+
+        path = self.store.save_checkpoint(t, write, {"base_model": cfg.model or "embedded default"})
         self._log(f"checkpoint: {path}")
         self.callbacks.on_checkpoint(path, t)
         dropped = self.store.prune_checkpoints(cfg.keep_checkpoints, cfg.pin_checkpoints)
@@ -409,9 +413,10 @@ class ESTrainer:
             )
 
     def _evaluate(self, engine: Engine, t: int) -> list[dict[str, Any]]:
-        """Evaluate the unperturbed model on the eval split(s) (evaluate.periodic_eval)."""
+        """Evaluate the unperturbed model on the eval split(s) (evaluate.periodic_eval); the card of
+        iteration ``t``'s checkpoint, written before, then shows the results."""
         cfg = self.config
-        return periodic_eval(
+        rows = periodic_eval(
             engine,
             self.task,
             cfg.eval_split,
@@ -424,3 +429,5 @@ class ESTrainer:
             self._log,
             self.progress,
         )
+        model_card.refresh_card(self.store, t, model_card.reward_parts(self.task))
+        return rows
