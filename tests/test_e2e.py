@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from esft.cli import main
+from esft.runstore import RunStore
 
 COMMON = ["--task", "conciseness", "--population", "4", "--sigma", "0.05", "--alpha", "0.05",
           "--max-new-tokens", "12", "--seed", "3", "--quiet"]  # fmt: skip
@@ -216,6 +218,29 @@ def test_config_file_and_flag_override(tiny_model, tmp_path):
     )
     saved = (tmp_path / "r" / "config.yaml").read_text()
     assert "population: 2" in saved and "max_new_tokens: 4" in saved
+
+
+def test_a_runs_own_config_starts_the_same_run_again(straight_run, tmp_path, capsys):
+    """A run's config.yaml (which also records its trainer and model folder) is a valid --config: the
+    same settings into a new folder give the same weights; the other trainer refuses it in one line."""
+    again = tmp_path / "again"
+    assert (
+        main(["train", "--config", str(straight_run / "config.yaml"), "--output", str(again), "--quiet"]) == 0
+    )
+    first, second = (
+        yaml.safe_load((straight_run / "config.yaml").read_text()),
+        yaml.safe_load((again / "config.yaml").read_text()),
+    )
+    assert {k: v for k, v in first.items() if k != "output"} == {
+        k: v for k, v in second.items() if k != "output"
+    }
+    last = max(RunStore(straight_run).checkpoints())
+    a, b = weights(RunStore(straight_run).checkpoints()[last]), weights(RunStore(again).checkpoints()[last])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["grpo", "--config", str(straight_run / "config.yaml"), "--output", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds the settings of an ES run; start it with esft train" in err and "\n" not in err
 
 
 @pytest.mark.parametrize(

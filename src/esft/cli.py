@@ -89,6 +89,15 @@ def _train_config(
         values.update(yaml.safe_load(QUICKSTART.read_text()))
     if args.config:
         values.update({k.replace("-", "_"): v for k, v in read_config_file(args.config).items()})
+        # a run's own config.yaml also records which trainer wrote it and the resolved model folder
+        wrote = values.pop("trainer", None)
+        values.pop("model_path", None)
+        mine = "es" if cls is ESConfig else "grpo"
+        if wrote not in (None, mine):
+            from esft.runs import TRAINERS
+
+            have, command = TRAINERS.get(wrote, (f"a {wrote}", f"esft {wrote}"))
+            raise ConfigError(f"{args.config} holds the settings of {have} run; start it with {command}")
         other = GRPORunConfig if cls is ESConfig else ESConfig
         ignored = [k for k in values if k in other.field_names() and k not in cls.field_names()]
         if ignored:
