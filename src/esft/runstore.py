@@ -65,6 +65,27 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def take_lock(path: Path, busy: Callable[[str], str]) -> int:
+    """An exclusive OS file lock on ``path`` (released when its descriptor closes, or when the process
+    exits or is killed), holding the holder's pid, host and start time; the descriptor. Held by another
+    process: a one-line ConfigError ``busy(holder)``, where holder reads " by pid P on host H (since T)"."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            holder = f" by pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')})"
+        os.close(fd)
+        raise ConfigError(busy(holder)) from None
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    return fd
+
+
 class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -81,24 +102,13 @@ class RunStore:
         naming the holder."""
         if self._lock_fd is not None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-                holder = f" by pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')})"
-            os.close(fd)
-            raise ConfigError(
-                f"{self.root} is in use{holder}: one process writes a run folder at a time; wait for "
-                "it to finish or stop it, then --resume"
-            ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = take_lock(
+            self.lock_path,
+            lambda holder: (
+                f"{self.root} is in use{holder}: one process writes a run folder at a time; wait "
+                "for it to finish or stop it, then --resume"
+            ),
+        )
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

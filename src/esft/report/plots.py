@@ -64,6 +64,15 @@ def _figure(ncols: int, height: float = 4.2, nrows: int = 1, width: float = WIDT
     return fig, [ax for row in axes for ax in row]
 
 
+def _grid(n: int, height: float = 4.2):
+    """A figure of ``n`` panels, at most three per row, the unused cells of the last row hidden."""
+    ncols = min(n, 3)
+    fig, axes = _figure(ncols, height=height, nrows=math.ceil(n / ncols))
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def _save(fig: Figure, out: Path, name: str) -> Path:
     path = out / f"{name}.png"
     fig.savefig(path, dpi=DPI)
@@ -511,13 +520,9 @@ def forgetting(docs: list[Analysis], out: Path) -> Plot | None:
     if not docs:
         return None
     tasks = list(dict.fromkeys(t for a in docs for t in a.data["tasks"]))
-    ncols = min(len(tasks), 3)
-    nrows = math.ceil(len(tasks) / ncols)
     lines = []
     with rc_context(STYLE):
-        fig, axes = _figure(ncols, height=3.8, nrows=nrows)
-        for ax in axes[len(tasks) :]:
-            ax.set_visible(False)
+        fig, axes = _grid(len(tasks), height=3.8)
         for j, task in enumerate(tasks):
             ax = axes[j]
             metric = next(
@@ -607,9 +612,7 @@ def pass_at_k(docs: list[Analysis], out: Path) -> Plot | None:
         return None
     lines = []
     with rc_context(STYLE):
-        fig, axes = _figure(min(len(docs), 3), nrows=math.ceil(len(docs) / 3))
-        for ax in axes[len(docs) :]:
-            ax.set_visible(False)
+        fig, axes = _grid(len(docs))
         for ax, a in zip(axes, docs, strict=False):
             kmax = 1
             for i, m in enumerate(a.data["models"]):
@@ -791,13 +794,9 @@ def sweep_params(sweep: Any, out: Path) -> Plot | None:
     if not points or not names:
         return None
     name = f"{SWEEP_PREFIX}{sweep_slug(sweep)}-params"
-    ncols = min(len(names), 3)
-    nrows = math.ceil(len(names) / ncols)
     panels = []
     with rc_context(STYLE):
-        fig, axes = _figure(ncols, height=3.6, nrows=nrows)
-        for ax in axes[len(names) :]:
-            ax.set_visible(False)
+        fig, axes = _grid(len(names), height=3.6)
         for ax, param in zip(axes, names, strict=False):
             kind = sweep.kinds.get(param, "linear")
             values = [t.params[param] for t in points if param in t.params]

@@ -24,12 +24,9 @@ Ray tasks (``--ray`` / ``--ray-address``), until ``n_trials`` have finished.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from esft.errors import ConfigError, EsftError
+from esft.runstore import take_lock
 from esft.sweep import layout
 from esft.sweep.space import SweepSpec, parse_spec
 
@@ -77,23 +75,13 @@ class SweepLock:
         self.fd: int | None = None
 
     def __enter__(self) -> SweepLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-                holder = f" by pid {info.get('pid')} on host {info.get('host')}"
-            os.close(fd)
-            raise ConfigError(
-                f"{self.path.parent} is in use{holder}: one esft sweep drives a sweep at a time (give it "
-                "more trial processes with --parallel); wait for it or stop it, then --resume"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
-        self.fd = fd
+        self.fd = take_lock(
+            self.path,
+            lambda holder: (
+                f"{self.path.parent} is in use{holder}: one esft sweep drives a sweep at a time "
+                "(give it more trial processes with --parallel); wait for it or stop it, then --resume"
+            ),
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
