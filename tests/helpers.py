@@ -112,3 +112,26 @@ def import_or_skip(module: str, ci_fix: str, install: str) -> ModuleType:
     except ImportError as e:
         error = f"{type(e).__name__}: {e}"
     missing_dependency(f"{module} ({error})", ci_fix, install, module_level=True)
+
+
+def tiny_config(model: Any, out: Any, cls: Any = None, **overrides: Any) -> Any:
+    """A run config for a few-second run on a tiny model: conciseness, 3 iterations of 2 prompts and 4
+    new tokens, evaluation (2 prompts) and checkpoints every 2; ES gets a population of 4. ``cls``:
+    ESConfig (default) or GRPORunConfig; ``overrides`` replace any setting."""
+    from esft.config import ESConfig
+
+    cls = cls or ESConfig
+    settings: dict[str, Any] = {
+        "model": str(model),
+        "task": "conciseness",
+        "iterations": 3,
+        "max_new_tokens": 4,
+        "prompts_per_iteration": 2,
+        "eval_every": 2,
+        "eval_limit": 2,
+        "checkpoint_every": 2,
+        "output": str(out),
+    }
+    if cls is ESConfig:
+        settings["population"] = 4
+    return cls(**(settings | overrides))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import tiny_config
 
 from esft.callbacks import Callback
 from esft.config import ESConfig
@@ -34,19 +35,7 @@ class Recorder(Callback):
 
 
 def _config(tiny_model, out, **kw) -> ESConfig:
-    return ESConfig(
-        model=str(tiny_model),
-        task="conciseness",
-        population=4,
-        iterations=4,
-        max_new_tokens=4,
-        prompts_per_iteration=2,
-        eval_every=2,
-        eval_limit=2,
-        checkpoint_every=2,
-        output=str(out),
-        **kw,
-    )
+    return tiny_config(tiny_model, out, iterations=4, **kw)
 
 
 def test_es_callbacks_see_the_logged_rows_evaluations_and_checkpoints(tiny_model, tmp_path):

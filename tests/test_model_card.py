@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import missing_dependency
+from helpers import missing_dependency, tiny_config
 from safetensors.torch import load_file
 
 from esft import cli
@@ -100,21 +100,15 @@ def same_weights(a: Path, b: Path) -> None:
 
 
 def _es_config(tiny_model: Path, out: Path) -> ESConfig:
-    return ESConfig(
-        model=str(tiny_model),
-        task="conciseness",
+    return tiny_config(
+        tiny_model,
+        out,
         task_options={"prompt_format": "raw"},
-        population=4,
         sigma=0.002,
         iterations=4,
-        max_new_tokens=4,
-        prompts_per_iteration=2,
         freeze=["*norm*"],
-        eval_every=2,
-        eval_limit=2,
         checkpoint_every=1,
         keep_checkpoints=0,
-        output=str(out),
     )
 
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import missing_dependency
+from helpers import import_or_skip, tiny_config
 
 from esft.callbacks import scalars
 from esft.cli import build_parser, main
@@ -31,14 +31,9 @@ os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="esft-test-trackio-
 
 def need(tracker: str):
     """The tracker's package; skip without it, except in CI (which installs the dev extra)."""
-    try:
-        return importlib.import_module(PACKAGES[tracker])
-    except ImportError as e:
-        missing_dependency(
-            f"{PACKAGES[tracker]} ({type(e).__name__}: {e})",
-            "install esft with the dev (or trackers) extra",
-            "pip install -e '.[trackers]'",
-        )
+    return import_or_skip(
+        PACKAGES[tracker], "install esft with the dev (or trackers) extra", "pip install -e '.[trackers]'"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -53,21 +48,7 @@ def offline(monkeypatch, request):
 
 
 def _config(tiny_model, out, cls=ESConfig, **kw):
-    settings = dict(
-        model=str(tiny_model),
-        task="conciseness",
-        iterations=3,
-        max_new_tokens=4,
-        prompts_per_iteration=2,
-        eval_every=2,
-        eval_limit=2,
-        checkpoint_every=2,
-        output=str(out),
-    )
-    settings.update(kw)
-    if cls is ESConfig:
-        settings.setdefault("population", 4)
-    return cls(**settings)
+    return tiny_config(tiny_model, out, cls, **kw)
 
 
 def expected(run: Path) -> dict[tuple[str, int], float]:
@@ -243,10 +224,7 @@ def test_several_trackers_at_once_and_resume_continues_each_tracker_run(tiny_mod
 
 
 def test_grpo_logs_the_same_names_as_its_metrics_jsonl(tiny_model, tmp_path):
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        missing_dependency("trl", "install esft with the dev (or grpo) extra", "pip install -e '.[grpo]'")
+    import_or_skip("trl", "install esft with the dev (or grpo) extra", "pip install -e '.[grpo]'")
     for t in ("wandb", "mlflow", "trackio"):
         need(t)
     from esft.grpo import GRPORun
