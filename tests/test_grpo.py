@@ -273,3 +273,45 @@ def test_grpo_callbacks_see_the_logged_rows_and_can_stop_the_run(tiny_model, tmp
     assert cb.logged == [(m["iteration"], m["train/reward_mean"]) for m in rows] and len(rows) == 2
     assert cb.evals == [0, 1, 2] and cb.ends == 1
     assert result.iterations == 2 and result.final_checkpoint is not None
+
+
+def test_grpo_precision_follows_the_hardware_and_keeps_float32_weights(monkeypatch):
+    from esft.config import GRPORunConfig
+    from esft.errors import ConfigError
+    from esft.grpo import grpo_precision
+
+    monkeypatch.setenv("ESFT_CPU_FLAGS", "avx2 avx512_bf16")
+    assert grpo_precision(GRPORunConfig(dtype="auto"), "cpu")[0] == torch.bfloat16
+    assert grpo_precision(GRPORunConfig(dtype="bf16"), "cpu")[0] == torch.bfloat16
+    monkeypatch.setenv("ESFT_CPU_FLAGS", "avx2")
+    dtype, reason = grpo_precision(GRPORunConfig(dtype="auto"), "cpu")
+    assert dtype is None and "no native bfloat16" in reason
+    assert grpo_precision(GRPORunConfig(dtype="float32"), "cpu")[0] is None
+    with pytest.raises(ConfigError, match="GRPO in float16 needs CUDA"):
+        grpo_precision(GRPORunConfig(dtype="float16"), "cpu")
+
+
+def test_bf16_grpo_is_mixed_precision_and_keeps_steps_far_below_a_bf16_ulp(tiny_model, tmp_path):
+    """At lr 1e-7 every AdamW step is ~1e-7 per coordinate, below half a bf16 ulp of nearly every weight
+    (2**-9 relative): bf16 weights would keep none of it. Mixed precision keeps float32 weights and
+    AdamW state (TRL's bf16 autocast), so the step lands in every trained tensor."""
+    out = tmp_path / "bf16"
+    assert grpo(tiny_model, out, "--iterations", "1", "--dtype", "bfloat16", "--learning-rate", "1e-7") == 0
+    env = json.loads((out / "environment.json").read_text())
+    assert env["dtype"] == "bfloat16" and env["weights_dtype"] == "float32"
+    assert "mixed precision" in env["dtype_reason"]
+    base = load_file(str(tiny_model / "model.safetensors"))
+    final = load_file(str(out / "checkpoints" / "iter-000001" / "model.safetensors"))
+    moved, changed, lost_in_bf16 = [], 0, 0
+    for name, w in base.items():
+        assert final[name].dtype == torch.float32, name
+        diff = final[name] != w
+        if diff.any():
+            moved.append(name)
+            assert float((final[name] - w).abs().max()) < 1e-5, name  # a tiny step
+            changed += int(diff.sum())
+            same = final[name].to(torch.bfloat16) == w.to(torch.bfloat16)
+            lost_in_bf16 += int((diff & same).sum())
+    assert len(moved) > len(base) // 2, f"only {moved} moved"
+    # the same step written into bf16 weights would have been lost almost entirely
+    assert lost_in_bf16 / changed > 0.9

@@ -570,11 +570,9 @@ class GRPORun(_TRLShaped):
         )
 
     def _eval_engine(self, path: str) -> Any:
-        from esft.engines.hf import HFEngine
-        from esft.grpo import grpo_dtype
+        from esft.grpo import grpo_engine
 
-        cfg = self.args
-        return HFEngine(path, dtype=grpo_dtype(cfg), device=cfg.device, batch_size=cfg.batch_size)
+        return grpo_engine(self.args, path)
 
 
 def _one_of(other: Any, given: str, name: str) -> None:

@@ -32,13 +32,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
 
 from esft import environment, model_card, runs
 from esft.callbacks import Callback, RunInfo
 from esft.config import GRPORunConfig
-from esft.engines.hf import HFEngine, resolve_device
+from esft.dtypes import choose
+from esft.engines.hf import HFEngine
 from esft.errors import ConfigError
 from esft.evaluate import periodic_eval
 from esft.resources import peak_memory, reset_peak
@@ -50,13 +52,37 @@ from esft.tasks.base import Scores, TrainerState, completion_text
 TRL_MISSING = "esft grpo needs TRL: pip install 'trl>=1.16,<2' (or pip install -e '.[grpo]')"
 
 
-def grpo_dtype(cfg: GRPORunConfig) -> str:
-    """GRPO's weights: ``auto`` is bfloat16 on CUDA (TRL's bf16 mixed precision) and float32 on CPU,
-    where AdamW's small steps need float32 weights (ES's ``auto`` follows the hardware instead; ES keeps
-    its steps in bf16 with masters or stochastic rounding, es/precision.py)."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    return "bfloat16" if resolve_device(cfg.device).startswith("cuda") else "float32"
+def grpo_precision(cfg: GRPORunConfig, device: str) -> tuple[torch.dtype | None, str]:
+    """GRPO's compute dtype for mixed precision (None: plain float32) and why.
+
+    ``--dtype`` means the dtype GRPO computes in, chosen as ES chooses (``esft/dtypes.py``: ``auto`` is
+    bfloat16 where the hardware computes it natively). The weights and AdamW's state stay float32 in
+    every case: AdamW's steps (lr x about 1 per coordinate, 1e-6 here) are far below half a bf16 ulp of
+    a weight (about 1e-4 at 0.02), so bf16 weights would keep almost none of them. bf16 and fp16 are
+    therefore mixed precision: forwards and backwards under ``torch.autocast`` (TRL's ``bf16``/``fp16``
+    flags), the optimizer in float32, as ES keeps its steps with float32 masters (es/precision.py).
+    """
+    dtype, reason = choose(cfg.dtype, device)
+    if dtype == torch.float32:
+        return None, reason
+    if dtype == torch.float16 and not device.startswith("cuda"):
+        raise ConfigError(
+            "GRPO in float16 needs CUDA (fp16 mixed precision scales the loss on the GPU); "
+            "use --dtype bfloat16 or float32 on the CPU"
+        )
+    return dtype, reason
+
+
+def grpo_engine(cfg: GRPORunConfig, model_path: str | Path) -> HFEngine:
+    """The policy for GRPO: float32 weights, autocast in the compute dtype (``grpo_precision``)."""
+    engine = HFEngine(model_path, dtype="float32", device=cfg.device, batch_size=cfg.batch_size)
+    engine.autocast_dtype, reason = grpo_precision(cfg, engine.device)
+    if engine.autocast_dtype is not None:
+        name = str(engine.autocast_dtype).removeprefix("torch.")
+        engine.dtype_reason = f"{reason}; mixed precision: {name} compute, float32 weights and optimizer"
+    else:
+        engine.dtype_reason = reason
+    return engine
 
 
 class TaskRewardFunctions:
@@ -267,9 +293,7 @@ class GRPORun:
         check_env = self.resume and not self.allow_environment_change
         recorded = environment.read(store.root) if check_env else None
         environment.use_threads(environment.resume_threads(recorded), self._log)
-        engine = HFEngine(
-            self.model_path, dtype=grpo_dtype(cfg), device=cfg.device, batch_size=cfg.batch_size
-        )
+        engine = grpo_engine(cfg, self.model_path)
         reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
         if cfg.fixed_length:
             engine.min_new_tokens = self.max_new_tokens  # greedy evaluation too
@@ -277,6 +301,9 @@ class GRPORun:
         n_prompts, per_step, micro = step_layout(cfg, len(task.train))
         steps = planned_steps(cfg, per_step)
         env_now = environment.describe(engine, "hf", self.model_path)
+        if engine.autocast_dtype is not None:  # record the compute dtype; the weights are float32
+            env_now["dtype"] = str(engine.autocast_dtype).removeprefix("torch.")
+            env_now["weights_dtype"] = "float32"
         start = 0
         if self.resume:
             start = int(self.state_dir.name.rsplit("-", 1)[1])
@@ -353,8 +380,8 @@ class GRPORun:
             reward_weights=rewards.weights,
             gradient_checkpointing=cfg.gradient_checkpointing,
             use_cpu=not cuda,
-            bf16=cuda and str(engine.dtype) == "torch.bfloat16",
-            fp16=False,
+            bf16=engine.autocast_dtype == torch.bfloat16,
+            fp16=engine.autocast_dtype == torch.float16,
             seed=cfg.seed,
             data_seed=cfg.seed,
             logging_steps=1,

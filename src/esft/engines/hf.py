@@ -10,6 +10,7 @@ eta cutoffs, top-h) are switched off too.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,8 @@ class HFEngine:
         self.batch_size = batch_size
         # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
         self.min_new_tokens = 0
+        # Mixed precision (GRPO): float32 weights, forwards under torch.autocast in this dtype.
+        self.autocast_dtype: torch.dtype | None = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
             self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
@@ -160,11 +163,20 @@ class HFEngine:
         per_call: int | None = None,
     ) -> list[Generation]:
         per_call = per_call or self.batch_size
-        return [
-            g
-            for start in range(0, len(texts), per_call)
-            for g in self._generate_batch(texts[start : start + per_call], max_new_tokens, raw, sampling)
-        ]
+        with self.autocast():
+            return [
+                g
+                for start in range(0, len(texts), per_call)
+                for g in self._generate_batch(
+                    texts[start : start + per_call], max_new_tokens, raw, sampling
+                )
+            ]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in ``autocast_dtype`` on this device (mixed precision), else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
 
     def _generate_batch(
         self, texts: list[str], max_new_tokens: int, raw: bool, sampling: Sampling | None
