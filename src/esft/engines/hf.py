@@ -167,9 +167,7 @@ class HFEngine:
             return [
                 g
                 for start in range(0, len(texts), per_call)
-                for g in self._generate_batch(
-                    texts[start : start + per_call], max_new_tokens, raw, sampling
-                )
+                for g in self._generate_batch(texts[start : start + per_call], max_new_tokens, raw, sampling)
             ]
 
     def autocast(self) -> contextlib.AbstractContextManager:
