@@ -251,6 +251,75 @@ def test_grpo_logs_the_same_names_as_its_metrics_jsonl(tiny_model, tmp_path):
     assert_same(read_trackio(run)[0], want)
 
 
+def test_a_resumed_grpo_run_logs_each_redone_step_once(tiny_model, tmp_path):
+    """GRPO resumes from its last training state (step 2) and redoes step 3, which the first attempt had
+    logged: W&B, MLflow and Trackio keep one row per step (the first attempt's), TensorBoard the redone
+    one; the values are metrics.jsonl's (the redone step is bit-identical but for its timings)."""
+    import_or_skip("trl", "install esft with the dev (or grpo) extra", "pip install -e '.[grpo]'")
+    for t in ("wandb", "mlflow", "trackio", "tensorboard"):
+        need(t)
+    from esft.callbacks import Callback
+    from esft.grpo import GRPORun
+
+    class Crash(Callback):  # the process dies once step 3 is logged everywhere
+        def on_log(self, metrics, step):
+            if step == 3:
+                raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    config = _config(tiny_model, run, GRPORunConfig, iterations=4, eval_every=1, checkpoint_every=2,
+                     group_size=4, learning_rate=1e-3, seed=1,
+                     report_to=["tensorboard", "wandb", "mlflow", "trackio"])  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        GRPORun(config, callbacks=[Crash()], progress=False).train()
+    assert [p.name for p in (run / "trl").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert [m["iteration"] for m in RunStore(run).metrics()] == [1, 2, 3]
+    GRPORun(config, resume=True, progress=False).train()
+    want = expected(run)
+    assert {step for _, step in want} == {0, 1, 2, 3, 4}
+    # timings are measured anew on the redo (esft's perf/*, TRL's step_time)
+    timing = {k for k in want if k[1] == 3 and (k[0].startswith("perf/") or k[0].endswith("_time"))}
+
+    def same(got: dict) -> None:
+        assert set(got) == set(want)
+        assert_same(
+            {k: v for k, v in got.items() if k not in timing},
+            {k: v for k, v in want.items() if k not in timing},
+        )
+
+    rows = wandb_rows(run, "train/reward_mean")
+    assert rows == [1, 2, 3, 4], rows  # not 1, 2, 3, 3, 4
+    same(read_wandb(run)[0])
+    got, _, info = read_mlflow(run)
+    assert len(info["history"]) == len(set(info["history"])), "a step logged twice"
+    same(got)
+    assert trackio_rows(run, "train/reward_mean") == [1, 2, 3, 4]
+    same(read_trackio(run)[0])
+    # TensorBoard purged the first attempt's step 3 and holds the redone one, timings included
+    tb = read_tensorboard(run)
+    assert sorted({step for _, step in tb}) == [0, 1, 2, 3, 4]
+    assert all(tb[k] == pytest.approx(want[k], rel=1e-6) for k in tb)
+
+
+def wandb_rows(run: Path, key: str) -> list[int]:
+    """The iterations of every W&B history row holding ``key``, in logging order, repeats included."""
+    steps = []
+    for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in _wandb_records(path):
+            if record.WhichOneof("record_type") == "history":
+                row = {_key(i): json.loads(i.value_json) for i in record.history.item}
+                if key in row:
+                    steps.append(row["iteration"])
+    return steps
+
+
+def trackio_rows(run: Path, key: str) -> list[int]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    state = read_state(run)["trackio"]
+    return [r["step"] for r in SQLiteStorage.get_logs(state["project"], state["name"]) if key in r]
+
+
 def test_none_writes_no_tracker_files_but_the_run_logs(tiny_model, tmp_path):
     run = tmp_path / "run"
     ESTrainer(_config(tiny_model, run, iterations=2, report_to=["none"]), progress=False).train()

@@ -31,6 +31,11 @@ class RunInfo:
     trainer: str  # "es" or "grpo"
     config: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml
     start: int = 0  # iterations (steps) already done when this process started
+    # the last iteration whose metrics row (and evaluation) an earlier attempt logged: a resumed GRPO
+    # run redoes the steps after its last training state (start) up to these, and trackers that cannot
+    # replace a logged step skip them
+    logged_through: int = 0
+    evaluated_through: int = 0
 
 
 class Callback:

@@ -304,18 +304,22 @@ class GRPORun:
         if engine.autocast_dtype is not None:  # record the compute dtype; the weights are float32
             env_now["dtype"] = str(engine.autocast_dtype).removeprefix("torch.")
             env_now["weights_dtype"] = "float32"
-        start = 0
+        start = logged_through = evaluated_through = 0
         if self.resume:
             start = int(self.state_dir.name.rsplit("-", 1)[1])
             if check_env:
                 environment.check(recorded, env_now, environment.CHECKED, "--resume")
+            logged_through = max([m["iteration"] for m in store.metrics()] + [start])
+            evaluated_through = max([e["iteration"] for e in store.evals()] + [start])
             store.truncate_logs(start)  # steps after the saved state are redone
             for i in store.checkpoints():
                 if i > start:
                     store.drop_checkpoint(i)
         store.write_config({"trainer": "grpo", **cfg.to_dict(), "model_path": self.model_path})
         environment.write(store.root, env_now)
-        self.callbacks.on_train_begin(RunInfo(store.root, "grpo", store.read_config(), start))
+        self.callbacks.on_train_begin(
+            RunInfo(store.root, "grpo", store.read_config(), start, logged_through, evaluated_through)
+        )
         rewards = TaskRewardFunctions(task)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)

@@ -26,10 +26,13 @@ Where the data goes, unless the environment says otherwise with each tool's own 
 
 ``--resume`` continues the same tracker run: ``<run>/trackers.json`` keeps the run's tracker id (W&B's
 run id, Trackio's run name: the run folder's name plus a random suffix, so that two folders of the same
-name never share a run) and MLflow's run id with its tracking URI. W&B plots against ``iteration``
-(``define_metric``, as transformers plots against ``train/global_step``), so the steps a resumed GRPO
-run redoes after its last training state are logged again without being dropped; they then appear
-twice in W&B, MLflow and Trackio, while TensorBoard drops the old ones (``purge_step``).
+name never share a run) and MLflow's run id with its tracking URI. A resumed GRPO run goes back to its
+last training state and redoes the steps after it that an earlier attempt had logged
+(``RunInfo.logged_through``). W&B, MLflow and Trackio cannot replace a logged step (W&B would take the
+rows again, MLflow and Trackio would hold the step twice), so they skip the redone rows and keep the
+first attempt's: the same numbers, as the redone steps are bit-identical (TRL's RNG and data position
+are restored), except the timings (``perf/*``). TensorBoard drops the old events (``purge_step``) and
+logs the redone ones.
 """
 
 from __future__ import annotations
@@ -153,7 +156,22 @@ def _run_key(root: Path) -> str:
 # -- the trackers ----------------------------------------------------------------------------------
 
 
-class WandbCallback(Callback):
+class _Redone:
+    """Skips the rows of steps an earlier attempt of the run already logged (after ``RunInfo.start``, up
+    to ``logged_through`` for metrics rows and ``evaluated_through`` for evaluations): for trackers that
+    cannot replace a logged step."""
+
+    _redone = (0, 0, 0)
+
+    def _skip(self, run: RunInfo) -> None:
+        self._redone = (run.start, run.logged_through, run.evaluated_through)
+
+    def _new(self, step: int, evaluation: bool = False) -> bool:
+        start, logged, evaluated = self._redone
+        return not start < step <= (evaluated if evaluation else logged)
+
+
+class WandbCallback(_Redone, Callback):
     """Weights & Biases: one W&B run per run folder, resumed by id (``resume="allow"``)."""
 
     def __init__(self) -> None:
@@ -171,6 +189,7 @@ class WandbCallback(Callback):
                 ) from None
 
     def on_train_begin(self, run: RunInfo) -> None:
+        self._skip(run)
         key = _run_key(run.root)
         self.run = self.wandb.init(
             project=os.environ.get("WANDB_PROJECT") or PROJECT,
@@ -186,10 +205,12 @@ class WandbCallback(Callback):
         _remember(run.root, "wandb", {"id": key, "project": self.run.project})
 
     def on_log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log({**scalars(metrics), STEP: step})
+        if self._new(step):
+            self.run.log({**scalars(metrics), STEP: step})
 
     def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
-        self.run.log({**scalars, STEP: step})
+        if self._new(step, evaluation=True):
+            self.run.log({**scalars, STEP: step})
 
     def on_train_end(self) -> None:
         if self.run is not None:
@@ -197,7 +218,7 @@ class WandbCallback(Callback):
             run.finish(exit_code=1 if _failure() else 0)
 
 
-class MLflowCallback(Callback):
+class MLflowCallback(_Redone, Callback):
     """MLflow, through its client (no global active run): one MLflow run per run folder, reopened by
     the id kept in trackers.json."""
 
@@ -212,6 +233,7 @@ class MLflowCallback(Callback):
         self.run_id: str | None = None
 
     def on_train_begin(self, run: RunInfo) -> None:
+        self._skip(run)
         root = Path(run.root).resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
         self.client = client = self.Client(uri)
@@ -249,10 +271,12 @@ class MLflowCallback(Callback):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + size])
 
     def on_log(self, metrics: dict[str, Any], step: int) -> None:
-        self._log(scalars(metrics), step)
+        if self._new(step):
+            self._log(scalars(metrics), step)
 
     def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
-        self._log(scalars, step)
+        if self._new(step, evaluation=True):
+            self._log(scalars, step)
 
     def on_train_end(self) -> None:
         if self.run_id is not None:
@@ -260,7 +284,7 @@ class MLflowCallback(Callback):
             self.client.set_terminated(run_id, status=_failure() or "FINISHED")
 
 
-class TrackioCallback(Callback):
+class TrackioCallback(_Redone, Callback):
     """Trackio: one Trackio run per run folder, resumed by name (``resume="allow"``)."""
 
     def __init__(self) -> None:
@@ -268,6 +292,7 @@ class TrackioCallback(Callback):
         self.run: Any = None
 
     def on_train_begin(self, run: RunInfo) -> None:
+        self._skip(run)
         key = _run_key(run.root)
         project = os.environ.get("TRACKIO_PROJECT") or PROJECT
         self.run = self.trackio.init(
@@ -277,10 +302,12 @@ class TrackioCallback(Callback):
         _remember(run.root, "trackio", {"project": project, "name": key, "dir": str(where)})
 
     def on_log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log(scalars(metrics), step=step)
+        if self._new(step):
+            self.run.log(scalars(metrics), step=step)
 
     def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
-        self.run.log(dict(scalars), step=step)
+        if self._new(step, evaluation=True):
+            self.run.log(dict(scalars), step=step)
 
     def on_train_end(self) -> None:
         if self.run is not None:
