@@ -1,0 +1,287 @@
+"""The paper's conciseness study (Qiu et al. 2025, section 4.2 and Table 2) at 0.5B, resumable.
+
+Three stages, each made only of esft commands (printed before they run), each skipped or continued
+where an earlier sitting left it, so the study can be stopped at any point (Ctrl-C, a kill, the end of
+a sitting) and run again with the same command:
+
+1. **Sweeps, equal for both methods** (``OUT/sweeps/es``, ``OUT/sweeps/grpo``): each method's step size
+   on a small budget, the same number of trials, the same samples per trial, the same objective (the
+   greedy reward on the *training* prompts, so the held-out prompts stay unseen until the report):
+   ES's sigma (alpha = sigma/2 as in the paper), GRPO's learning rate (beta 0). The rule that picks a
+   setting is the same for both: the best objective, and among trials within ``TIE`` characters of it
+   the smallest step. GRPO's main runs use the chosen learning rate; ES's use the paper's sigma grid,
+   plus the chosen sigma where it lies outside that grid.
+2. **Main runs** (``OUT/runs/<config>-seed<S>``): ES at sigma in {5e-4, 1e-3, 1.5e-3} with alpha =
+   sigma/2, GRPO at beta in {0, 0.0167} (the paper's beta=0 and its best non-hacking beta), each for
+   ``--seeds``, all at ``--budget`` samples. One ES iteration and one GRPO step both generate 60
+   completions (N=30 members, or a group of 30, on the 2 training prompts), the paper's matching.
+   Runs are checkpointed every 10 iterations/steps and resumed with ``--resume``; seed 0 of every
+   configuration runs before seed 1, so a partial study is balanced.
+3. **Analysis** of every finished run: ``esft analyze kl`` on the 8 held-out prompts (4 sampled
+   completions per prompt, k3 per token as the paper's estimator), the held-out reward (raw and
+   normalised as the paper: 1 + R/2000, so 0 = -2000 and 1 = 0), whether each held-out answer still
+   contains its reference answer (the check the length reward lacks), mean and standard deviation over
+   seeds, the reward-KL Pareto front over configurations, and ``esft report`` over runs and sweeps.
+
+    python benchmarks/conciseness_study.py --out experiments/conciseness-study          # everything
+    python benchmarks/conciseness_study.py --out X --stage sweep                        # stage 1 only
+    python benchmarks/conciseness_study.py --out X --stage main --only es-s1e-3 grpo-b0  # some runs
+    python benchmarks/conciseness_study.py --out X --stage analyse                      # tables so far
+
+Every command runs with the machine's default threads; wall times are in each run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from es_vs_grpo_experiment import answers_kept, jsonl, kl_value  # noqa: E402
+
+SHARED = {
+    "task": "conciseness",
+    "task_options": {"prompt_format": "chat"},
+    "max_new_tokens": 48,
+    "dtype": "auto",  # bf16 where the CPU computes it natively (ES: stochastic rounding; GRPO: mixed)
+    "freeze": ["*embed_tokens*", "lm_head*"],
+    "eval_split": "both",
+    "iterations": 100000,  # the sample budget stops every run
+}
+ES = {"population": 30, "noise": "lowrank", "rank": 1}
+GRPO = {"group_size": 30, "loss_type": "dapo", "micro_batch_size": 20}
+SWEEP_BUDGET = 480  # 8 ES iterations or 8 GRPO steps of 60 completions
+SWEEPS = {
+    "es": {"space": {"sigma": {"choices": [5e-4, 1e-3, 2e-3, 4e-3]}, "alpha": {"expr": "sigma / 2"}},
+           "setting": "sigma", "extra": ES},
+    "grpo": {"space": {"learning_rate": {"choices": [1e-6, 3e-6, 1e-5, 3e-5]}},
+             "setting": "learning_rate", "extra": {**GRPO, "beta": 0.0}},
+}  # fmt: skip
+TIE = 1.0  # characters: trials this close to the best objective count as tied
+PAPER_SIGMAS = (5e-4, 1e-3, 1.5e-3)
+BETAS = (0.0, 0.0167)
+OBJECTIVE = "eval/train/reward"
+
+
+def esft(*args: str) -> int:
+    print("$ esft " + " ".join(shlex.quote(a) for a in args), flush=True)
+    return subprocess.run([sys.executable, "-m", "esft", *args]).returncode
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -- stage 1: sweeps ------------------------------------------------------------------------------
+
+
+def finished_trials(root: Path) -> list:
+    """The sweep's finished (complete) trials, read with Optuna; [] before it exists."""
+    if not (root / "sweep.yaml").is_file():
+        return []
+    import optuna
+
+    from esft.sweep.layout import load_study
+
+    study = load_study(root)
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def run_sweep(out: Path, method: str) -> None:
+    spec = SWEEPS[method]
+    root = out / "sweeps" / method
+    n = len(spec["space"][spec["setting"]]["choices"])
+    if len(finished_trials(root)) >= n:
+        return
+    if (root / "sweep.yaml").is_file():
+        rc = esft("sweep", "--output", str(root), "--resume")
+    else:
+        base = {**SHARED, **spec["extra"], "budget_samples": SWEEP_BUDGET, "eval_every": 4,
+                "checkpoint_every": 0, "seed": 0}  # fmt: skip
+        sweep = {"method": method, "base": base, "space": spec["space"], "n_trials": n,
+                 "objective": {"metric": OBJECTIVE, "direction": "maximize"},
+                 "sampler": "grid", "pruner": "none"}  # fmt: skip
+        rc = esft("sweep", "--config", str(write_yaml(out / "sweeps" / f"{method}.yaml", sweep)),
+                  "--output", str(root))  # fmt: skip
+    if rc:
+        raise SystemExit(f"the {method} sweep stopped (exit {rc}); run this command again to resume it")
+
+
+def chosen(out: Path, method: str) -> float | None:
+    """The setting the shared rule picks from a finished sweep (None while it is unfinished)."""
+    spec = SWEEPS[method]
+    trials = finished_trials(out / "sweeps" / method)
+    if len(trials) < len(spec["space"][spec["setting"]]["choices"]):
+        return None
+    best = max(t.value for t in trials)
+    return min(t.params[spec["setting"]] for t in trials if t.value >= best - TIE)
+
+
+# -- stage 2: main runs ---------------------------------------------------------------------------
+
+
+def configs(out: Path) -> dict[str, tuple[str, dict]]:
+    """name -> (trainer, settings) of every main configuration the sweeps allow so far."""
+    sigmas = list(PAPER_SIGMAS)
+    es_pick = chosen(out, "es")
+    if es_pick is not None and not any(math.isclose(es_pick, s) for s in sigmas):
+        sigmas.append(es_pick)
+    found = {f"es-s{s:g}": ("es", {**ES, "sigma": s, "alpha": s / 2}) for s in sigmas}
+    lr = chosen(out, "grpo")
+    if lr is not None:
+        found.update({f"grpo-b{b:g}": ("grpo", {**GRPO, "beta": b, "learning_rate": lr}) for b in BETAS})
+    return found
+
+
+def finished(run: Path, budget: int) -> bool:
+    rows = jsonl(run / "metrics.jsonl")
+    return bool(rows) and rows[-1]["samples"] >= budget and (run / "checkpoints").is_dir()
+
+
+def train(out: Path, name: str, trainer: str, settings: dict, seed: int, budget: int) -> Path:
+    run = out / "runs" / f"{name}-seed{seed}"
+    if finished(run, budget):
+        return run
+    cfg = {**SHARED, **settings, "budget_samples": budget, "eval_every": 10, "checkpoint_every": 10,
+           "keep_checkpoints": 1, "seed": seed, "report_to": ["tensorboard"]}  # fmt: skip
+    path = write_yaml(out / "runs" / f"{name}-seed{seed}.yaml", cfg)
+    command = "train" if trainer == "es" else "grpo"
+    resume = ["--resume"] if (run / "metrics.jsonl").is_file() else []
+    rc = esft(command, "--config", str(path), "--output", str(run), "--quiet", *resume)
+    if rc:
+        raise SystemExit(f"{run} stopped (exit {rc}); run this command again to resume it")
+    return run
+
+
+# -- stage 3: analysis ----------------------------------------------------------------------------
+
+
+def normalised(reward: float) -> float:
+    """The paper's scale: 0 = a reward of -2000 characters, 1 = the best possible reward, 0."""
+    return 1 + reward / 2000
+
+
+def analyse_run(run: Path) -> dict:
+    kl_path = run / "analysis" / "kl-test.json"
+    if not kl_path.is_file():
+        esft("analyze", "kl", str(run), "--split", "test", "--samples", "4", "--seed", "0",
+             "--json", str(kl_path), "--quiet")  # fmt: skip
+    evals = jsonl(run / "eval.jsonl")
+    test = [e for e in evals if e.get("split") == "test"]
+    train_ = [e for e in evals if e.get("split") == "train"]
+    metrics = jsonl(run / "metrics.jsonl")
+    return {
+        "run": str(run),
+        "samples": metrics[-1]["samples"],
+        "heldout_before": test[0]["reward"],
+        "heldout": test[-1]["reward"],
+        "heldout_normalised": normalised(test[-1]["reward"]),
+        "train_reward": train_[-1]["reward"] if train_ else math.nan,
+        "answers_kept": answers_kept(run, test[-1]),
+        "answers_kept_before": answers_kept(run, test[0]),
+        "kl": kl_value(json.loads(kl_path.read_text())),
+        "train_seconds": sum(m["perf/seconds"] for m in metrics),
+        "peak_rss_mb": max(m["perf/peak_rss_mb"] for m in metrics),
+        "examples": [e["completion"] for e in test[-1].get("examples", [])],
+    }
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def pareto(rows: dict[str, dict]) -> list[str]:
+    """Configurations no other one beats on both mean held-out reward (higher) and mean KL (lower)."""
+    front = []
+    for name, r in rows.items():
+        dominated = any(
+            o["heldout"][0] >= r["heldout"][0]
+            and o["kl"][0] <= r["kl"][0]
+            and (o["heldout"][0] > r["heldout"][0] or o["kl"][0] < r["kl"][0])
+            for other, o in rows.items()
+            if other != name
+        )
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def fmt(pair: tuple[float, float], digits: int = 4) -> str:
+    m, s = pair
+    if math.isnan(m):
+        return "-"
+    return f"{m:.{digits}g}" + ("" if math.isnan(s) else f" ± {s:.2g}")
+
+
+def summarise(out: Path, per_run: dict[str, list[dict]]) -> None:
+    rows = {}
+    for name, runs in per_run.items():
+        rows[name] = {k: mean_sd([r[k] for r in runs])
+                      for k in ("heldout", "heldout_normalised", "kl", "answers_kept", "train_reward",
+                                "train_seconds", "peak_rss_mb")}  # fmt: skip
+        rows[name]["seeds"] = len(runs)
+        rows[name]["samples"] = min(r["samples"] for r in runs)
+    front = pareto(rows)
+    print(
+        "\n| configuration | seeds | samples | held-out reward | normalised | KL (k3/token) | answers "
+        "containing the reference | train reward | train s | peak MB | Pareto |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['seeds']} | {r['samples']} | {fmt(r['heldout'])} | "
+              f"{fmt(r['heldout_normalised'])} | {fmt(r['kl'], 3)} | {fmt(r['answers_kept'], 3)} | "
+              f"{fmt(r['train_reward'])} | {fmt(r['train_seconds'], 4)} | {fmt(r['peak_rss_mb'], 4)} | "
+              f"{'yes' if name in front else ''} |")  # fmt: skip
+    data = {"configs": rows, "pareto": front, "runs": per_run,
+            "choices": {m: chosen(out, m) for m in SWEEPS}}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="experiments/conciseness-study")
+    p.add_argument("--stage", choices=["sweep", "main", "analyse", "all"], default="all")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--budget", type=int, default=6000, help="samples per main run")
+    p.add_argument("--only", nargs="*", default=None, help="main configurations to run (default: all)")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.stage in ("sweep", "all"):
+        for method in SWEEPS:
+            run_sweep(out, method)
+        print({m: chosen(out, m) for m in SWEEPS})
+    if args.stage in ("main", "all"):
+        todo = {n: c for n, c in configs(out).items() if args.only is None or n in args.only}
+        for seed in args.seeds:  # seed 0 of every configuration first
+            for name, (trainer, settings) in todo.items():
+                train(out, name, trainer, settings, seed, args.budget)
+    if args.stage in ("analyse", "all"):
+        per_run: dict[str, list[dict]] = {}
+        for name in configs(out):
+            for seed in args.seeds:
+                run = out / "runs" / f"{name}-seed{seed}"
+                if finished(run, args.budget):
+                    per_run.setdefault(name, []).append(analyse_run(run))
+        summarise(out, per_run)
+        done = sorted({str(out / "runs" / f"{n}-seed{s}") for n in per_run for s in args.seeds
+                       if finished(out / "runs" / f"{n}-seed{s}", args.budget)})  # fmt: skip
+        sweeps = [str(out / "sweeps" / m) for m in SWEEPS if (out / "sweeps" / m / "sweep.yaml").is_file()]
+        if done or sweeps:
+            esft("report", *done, *sweeps, "--output", str(out / "report"), "--title", "Conciseness study")
+
+
+if __name__ == "__main__":
+    main()
