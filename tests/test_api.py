@@ -260,14 +260,6 @@ def test_one_line_errors(tiny_model, tmp_path):
     error(ConfigError, "args must be an esft.ESConfig", model, length_reward, args=GRPORunConfig())
     error(ConfigError, "there is no eval_dataset", model, length_reward,
           args=small(tmp_path, eval_every=1), train_dataset=data())  # fmt: skip
-    error(
-        ConfigError,
-        "Ray workers",
-        model,
-        length_reward,
-        args=small(tmp_path, workers=2),
-        train_dataset=data(),
-    )
 
 
 def test_grpo_run_takes_the_same_arguments(tiny_model, tmp_path):

@@ -334,3 +334,32 @@ def test_bf16_remedies_on_two_workers_give_the_single_process_bits(
     assert_same_run(one, two)
     env = json.loads((two / "environment.json").read_text())
     assert env["dtype"] == "bfloat16" and env["update_precision"] == precision
+
+
+def test_reward_functions_given_in_python_reach_the_workers(ray_cluster, tiny_model, tmp_path):
+    """esft.ESTrainer with a reward function defined here (a closure, as in a notebook) and rows given as
+    a list: the Ray workers receive the task itself, without its rows, and two workers end with the bits
+    of one process."""
+    import esft
+    from esft.config import ESConfig
+
+    target = 7
+
+    def closeness(prompts, completions, **kwargs):  # uses a variable of this scope: pickled by value
+        return [-abs(len(c) - target) for c in completions]
+
+    rows = [{"prompt": "Say hi"}, {"prompt": "Count to three"}, {"prompt": "Name a colour"}]
+
+    def run(out: Path, workers: int) -> Path:
+        args = ESConfig(population=4, iterations=2, sigma=0.05, alpha=0.05, max_new_tokens=8, seed=3,
+                        batch_size=4, workers=workers, output=str(out), eval_every=0)  # fmt: skip
+        trainer = esft.ESTrainer(str(tiny_model), closeness, args=args, train_dataset=rows, progress=False)
+        return trainer.train().final_checkpoint
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(str(tiny_model / "model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    ra = [m["train/reward_mean"] for m in RunStore(tmp_path / "one").metrics()]
+    assert ra == [m["train/reward_mean"] for m in RunStore(tmp_path / "two").metrics()]

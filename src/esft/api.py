@@ -245,12 +245,8 @@ class _TRLShaped:
         train_rows = _rows(train_dataset, "train_dataset")
         eval_rows = _rows(eval_dataset, "eval_dataset")
         self.task, task_name, in_memory = self._build_task(reward_funcs, args, train_rows, eval_rows)
-        if in_memory and (int(getattr(args, "workers", 1)) > 1 or getattr(args, "ray_address", None)):
-            raise ConfigError(
-                "Ray workers build the task from the settings, and reward functions given in Python do not "
-                "reach them: train with workers=1, or use esft train --task custom --data FILE --reward "
-                "file.py:function"
-            )
+        # Ray workers cannot rebuild such a task from the settings: they receive it (distributed.cluster)
+        self.task.portable = not in_memory
         if args.eval_every and args.eval_split in ("test", "both") and not self.task.test:
             raise ConfigError(
                 f"args.eval_every={args.eval_every} evaluates the eval split, and there is no eval_dataset: "

@@ -147,6 +147,8 @@ def start_workers(
             **dict(config.task_options),
         },
         "threads": threads,
+        # a task the settings cannot rebuild (rewards given in Python) travels itself, rows left behind
+        "task_object": None if getattr(task, "portable", True) else rewards_only(task),
     }
     from esft.distributed.worker import Worker
 
@@ -186,6 +188,20 @@ def start_workers(
         + ("" if gpus_per_worker or gpus == 0 else "; the cluster has GPUs: --gpus-per-worker 1 uses them")
     )
     return Started(driver_node, actor, spec, device, dtype, dtype_reason)
+
+
+def _no_rows(split: str) -> list:
+    return []
+
+
+def rewards_only(task: Any) -> Any:
+    """A copy of ``task`` without its rows (workers score the rows the driver sends): what a Ray worker
+    receives when settings cannot rebuild the task. Ray pickles it with cloudpickle, so reward functions
+    defined in a notebook or a script travel by value; functions of an importable module travel by name
+    and must be importable on every node."""
+    import dataclasses
+
+    return dataclasses.replace(task, loader=_no_rows, _splits={}, _reported=set())
 
 
 def _check_task(task: Any, report: dict[str, Any]) -> None:

@@ -121,8 +121,8 @@ class Worker:
         )
         if spec.get("min_new_tokens"):
             self.engine.min_new_tokens = spec["min_new_tokens"]
-        if self.task is None:
-            self.task = load_task(**spec["task"])  # rewards only: rows come from the driver
+        if self.task is None:  # rewards only: rows come from the driver
+            self.task = spec.get("task_object") or load_task(**spec["task"])
         if init is not None:
             # the masters of a checkpoint source come from it (es/precision.py); a base model has none
             self.esft_init_params(*init[:4], path)

@@ -90,6 +90,9 @@ class Task:
     # Extra evaluation metrics computed from Scores (e.g. accuracy from the answer part).
     metrics: Callable[[Scores], dict[str, float]] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # False when the rewards exist only in this process (Python functions given to esft.ESTrainer):
+    # settings cannot rebuild the task, so Ray workers receive the task itself (pickled by Ray)
+    portable: bool = True
     _splits: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
     _reported: set[str] = field(default_factory=set, repr=False)  # parts whose first failure was logged
 
