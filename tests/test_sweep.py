@@ -288,6 +288,22 @@ def test_resume_reruns_interrupted_trials_and_keeps_finished_ones(tiny_model, tm
     assert len(trials(root)) == 5
 
 
+def test_timeout_starts_no_trial_after_it_and_resume_goes_on(tiny_model, tmp_path, capsys):
+    """As Optuna's optimize(timeout=): a trial (seconds here) outlasts 0.5 s, so no second one starts;
+    the sweep says how to continue, and --resume runs the rest."""
+    root = tmp_path / "s"
+    config = write(tmp_path / "t.yaml", sweep_data(tiny_model))
+    assert main(["sweep", "--config", str(config), "--output", str(root), "--timeout", "0.5"]) == 0
+    assert [t.state.name for t in trials(root)] == ["COMPLETE"]
+    out = capsys.readouterr().out
+    assert "1 of 3 trials finished" in out and f"esft sweep --output {root} --resume" in out
+    assert main(["sweep", "--output", str(root), "--resume", "--timeout", "3600"]) == 0
+    assert [t.state.name for t in trials(root)] == ["COMPLETE"] * 3
+    assert "--timeout reached" not in capsys.readouterr().out
+    assert main(["sweep", "--output", str(root), "--resume", "--timeout", "0"]) == 2
+    assert "--timeout must be a number of seconds > 0" in capsys.readouterr().err
+
+
 def test_a_failed_trial_stops_the_sweep_unless_catch(tiny_model, tmp_path, monkeypatch, capsys):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")

@@ -52,6 +52,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPUs per Ray task (default 0)"
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="start no trial after this many seconds (running ones finish; as Optuna's optimize(timeout)); "
+        "--resume continues",
+    )
     p.add_argument("--quiet", action="store_true", help="no line per finished trial")
     return p
 
@@ -86,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             gpus_per_trial=args.gpus_per_trial,
             log=log,
+            timeout=args.timeout,
         )
     except KeyboardInterrupt:
         print(f"\nesft: interrupted. Continue with:  esft sweep --output {output} --resume", file=sys.stderr)

@@ -65,6 +65,7 @@ class SweepResult:
     open_seconds: float  # creating or loading the study
     timings: list[TrialTiming] = field(default_factory=list)
     interrupted: bool = False
+    timed_out: bool = False  # --timeout passed with trials left to run
 
 
 class SweepLock:
@@ -411,14 +412,19 @@ def run_sweep(
     ray_address: str | None = None,
     gpus_per_trial: float = 0.0,
     log: Callable[[str], None] = print,
+    timeout: float | None = None,
 ) -> SweepResult:
-    """Run (or continue) the sweep in ``output`` until ``n_trials`` trials have finished; see the module
-    docstring. A KeyboardInterrupt marks the running trials FAIL (``--resume`` re-runs them) and goes
+    """Run (or continue) the sweep in ``output`` until ``n_trials`` trials have finished, or, with
+    ``timeout``, until that many seconds have passed (as Optuna's ``optimize(timeout=)``: no trial starts
+    after it, the running ones finish; ``--resume`` continues); see the module docstring. A KeyboardInterrupt marks the running trials FAIL (``--resume`` re-runs them) and goes
     on up; a failed trial raises EsftError once the others running have finished (unless ``catch``)."""
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"--parallel must be an integer >= 1, got {parallel!r}")
     if gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial!r}")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    deadline = None if timeout is None else time.perf_counter() + timeout
     root = Path(output).expanduser().absolute()
     if resume and not layout.is_sweep(root):
         raise ConfigError(
@@ -470,7 +476,7 @@ def run_sweep(
         else:
             executor = Processes(root, parallel, max(1, usable_cpus() // parallel))
         try:
-            _loop(study, spec, root, executor, result, log)
+            _loop(study, spec, root, executor, result, log, deadline)
         except KeyboardInterrupt:
             result.interrupted = True
             executor.stop()
@@ -492,13 +498,26 @@ def _check_placement(spec: SweepSpec, parallel: int, use_ray: bool) -> None:
         )
 
 
-def _loop(study: Any, spec: SweepSpec, root: Path, executor: Any, result: SweepResult, log) -> None:
+def _loop(
+    study: Any,
+    spec: SweepSpec,
+    root: Path,
+    executor: Any,
+    result: SweepResult,
+    log,
+    deadline: float | None = None,
+) -> None:
     running: dict[int, TrialTiming] = {}
     failure: str | None = None
     while True:
         finished = counted(study.get_trials(deepcopy=False))
+        if deadline is not None and time.perf_counter() >= deadline and not result.timed_out:
+            result.timed_out = finished + len(running) < spec.n_trials
         while (
-            failure is None and len(running) < executor.capacity and finished + len(running) < spec.n_trials
+            failure is None
+            and not result.timed_out
+            and len(running) < executor.capacity
+            and finished + len(running) < spec.n_trials
         ):
             tic = time.perf_counter()
             trial = study.ask(spec.distributions)
@@ -622,5 +641,7 @@ def summary(result: SweepResult, k: int = 5) -> list[str]:
     lines.append(
         f"study: {layout.storage_url(root, spec.storage)} (name {layout.study_name(root, spec.to_dict())})"
     )
+    if result.timed_out:
+        lines.append(f"--timeout reached before n_trials; continue with: esft sweep --output {root} --resume")
     lines.append(f"report: esft report {root} --output {root / 'report'}")
     return lines
