@@ -366,6 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.rank,
         args.fixed_length,
         precision=args.update_precision,
+        repeats=args.repeats,
     )
     info = {
         "model": args.model or "embedded",
@@ -463,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ES modes to time against the floor (default: reference table lowrank)",
     )
     p.add_argument("--rank", type=int, default=1, help="rank of the lowrank mode")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="K",
+        help="K rounds of the floor then every mode; prints medians and each ratio's range (default 1)",
+    )
     p.add_argument(
         "--update-precision",
         default="auto",
