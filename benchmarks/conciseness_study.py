@@ -40,6 +40,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -157,6 +158,13 @@ def train(out: Path, name: str, trainer: str, settings: dict, seed: int, budget:
     path = write_yaml(out / "runs" / f"{name}-seed{seed}.yaml", cfg)
     command = "train" if trainer == "es" else "grpo"
     resume = ["--resume"] if (run / "metrics.jsonl").is_file() else []
+    if resume and trainer == "grpo" and not any((run / "trl").glob("checkpoint-*")):
+        # stopped before its first training state (ES resumes from its seed log; GRPO cannot): start
+        # again, keeping the stopped attempt beside it
+        stale = run.with_name(f"{run.name}.stopped-{int(time.time())}")
+        print(f"{run} holds no GRPO training state yet; moved to {stale}, starting again", flush=True)
+        run.rename(stale)
+        resume = []
     rc = esft(command, "--config", str(path), "--output", str(run), "--quiet", *resume)
     if rc:
         raise SystemExit(f"{run} stopped (exit {rc}); run this command again to resume it")
