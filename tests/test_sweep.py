@@ -304,6 +304,21 @@ def test_timeout_starts_no_trial_after_it_and_resume_goes_on(tiny_model, tmp_pat
     assert "--timeout must be a number of seconds > 0" in capsys.readouterr().err
 
 
+def test_a_grid_sweep_runs_every_point_and_ends_cleanly(tiny_model, tmp_path, capsys):
+    """Optuna's GridSampler stops the study (study.stop) once its grid is used up, which raises outside
+    study.optimize; esft's driver asks and tells, so its grid sampler leaves stopping to the driver."""
+    root = tmp_path / "g"
+    space = {"sigma": {"choices": [0.01, 0.02]}, "alpha": {"expr": "sigma / 2"}}
+    config = write(tmp_path / "g.yaml", sweep_data(tiny_model, space=space, sampler="grid", n_trials=None))
+    assert main(["sweep", "--config", str(config), "--output", str(root)]) == 0
+    done = trials(root)
+    assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
+    assert sorted(t.params["sigma"] for t in done) == [0.01, 0.02]
+    assert "2 of 2 trials finished" in capsys.readouterr().out
+    assert main(["sweep", "--output", str(root), "--resume"]) == 0  # nothing left: ends at once
+    assert len(trials(root)) == 2
+
+
 def test_a_failed_trial_stops_the_sweep_unless_catch(tiny_model, tmp_path, monkeypatch, capsys):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")

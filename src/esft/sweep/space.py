@@ -244,6 +244,8 @@ class SweepSpec:
         cls = getattr(optuna.samplers, SAMPLERS[self.sampler["name"]])
         if self.sampler["name"] == "grid":
             kwargs["search_space"] = self.grid()
+            _construct(cls, kwargs, "sampler")  # the options' one-line errors
+            return _ask_tell_grid(cls)(**kwargs)
         return _construct(cls, kwargs, "sampler")
 
     def make_pruner(self):
@@ -591,6 +593,18 @@ def _check_metric(metric: str, split: str) -> None:
         raise ConfigError(
             f"objective.metric {metric}: base.eval_split is {split}, so the scalar is eval/{short}"
         )
+
+
+def _ask_tell_grid(grid_sampler: type) -> type:
+    """Optuna's GridSampler for a driver that asks and tells: the stock one calls ``study.stop()`` once
+    the grid is used up, which raises outside ``study.optimize``. The driver stops by counting trials
+    (n_trials is at most the grid's size), so stopping is left to it."""
+
+    class AskTellGridSampler(grid_sampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return AskTellGridSampler
 
 
 def _grid_values(name: str, d: Any):
