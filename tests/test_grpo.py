@@ -315,3 +315,16 @@ def test_bf16_grpo_is_mixed_precision_and_keeps_steps_far_below_a_bf16_ulp(tiny_
     assert len(moved) > len(base) // 2, f"only {moved} moved"
     # the same step written into bf16 weights would have been lost almost entirely
     assert lost_in_bf16 / changed > 0.9
+
+    # evaluation and analysis see the run as it trained: float32 weights under bf16 autocast
+    from esft import environment
+    from esft.engines import build_engine
+
+    assert environment.mixed_precision(env) == "bfloat16"
+    assert environment.mixed_precision({"dtype": "bfloat16"}) is None  # ES in bf16: bf16 weights
+    engine = build_engine("hf", str(out / "checkpoints" / "iter-000001"), autocast="bfloat16")
+    assert engine.dtype == torch.float32 and engine.autocast_dtype == torch.bfloat16
+    with engine.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert main(["eval", "--run", str(out), "--limit", "2", "--max-new-tokens", "4"]) == 0
+    assert main(["analyze", "kl", str(out), "--limit", "2", "--max-new-tokens", "4", "--quiet"]) == 0

@@ -250,7 +250,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = build_task(task_name, [saved], task_options, args.reward, args.reward_weights)
     engine_name = saved.get("engine", "hf")
     dtype, device = args.dtype or saved.get("dtype", "auto"), args.device or saved.get("device", "auto")
-    engine = build_engine(engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size)
+    from esft import environment
+
+    env = environment.read(args.run) if args.run else None
+    mixed = None if args.dtype else environment.mixed_precision(env)  # a GRPO run in bf16, as it trained
+    engine = build_engine(
+        engine_name, model_path, dtype=dtype, device=device, batch_size=args.batch_size, autocast=mixed
+    )
     if args.samples < 1:
         raise ConfigError("--samples must be >= 1")
     sampling = None

@@ -125,6 +125,16 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
     }
 
 
+def mixed_precision(env: dict[str, Any] | None) -> str | None:
+    """The compute dtype of a run that trained in mixed precision (GRPO in bf16: float32 weights under
+    autocast, ``weights_dtype`` recorded), else None: engines that evaluate or analyse its checkpoints
+    load them in float32 and compute under autocast in this dtype, as the run did."""
+    env = env or {}
+    if env.get("weights_dtype") == "float32" and env.get("dtype") not in (None, "float32"):
+        return str(env["dtype"])
+    return None
+
+
 def write(run_dir: str | Path, env: dict[str, Any]) -> None:
     path = Path(run_dir) / FILENAME
     tmp = path.with_suffix(".json.tmp")

@@ -165,10 +165,11 @@ def _engine(path: str, args: argparse.Namespace, config: dict[str, Any], run: An
     from esft import environment
     from esft.engines import build_engine
 
-    recorded = (environment.read(run.root) or {}).get("dtype") if run is not None else None
-    dtype = args.dtype or recorded or config.get("dtype") or "auto"
+    env = (environment.read(run.root) or {}) if run is not None else {}
+    dtype = args.dtype or env.get("dtype") or config.get("dtype") or "auto"
     device = args.device or config.get("device") or "auto"
-    return build_engine("hf", path, dtype=dtype, device=device, batch_size=args.batch_size)
+    mixed = None if args.dtype else environment.mixed_precision(env)  # a GRPO run in bf16
+    return build_engine("hf", path, dtype=dtype, device=device, batch_size=args.batch_size, autocast=mixed)
 
 
 def _max_new(args: argparse.Namespace, task: Any) -> int:

@@ -172,6 +172,14 @@ def kl_estimate(logp_tuned: Sequence[torch.Tensor], logp_base: Sequence[torch.Te
     )
 
 
+def _autocast(engine: Any):
+    """The engine's autocast context (mixed precision, ``HFEngine.autocast``), else nothing."""
+    import contextlib
+
+    make = getattr(engine, "autocast", None)
+    return make() if callable(make) else contextlib.nullcontext()
+
+
 def kl_drift(
     tuned: Any,
     base: Any,
@@ -187,8 +195,12 @@ def kl_drift(
     if sampling.top_p != 1.0:
         raise ConfigError("KL drift needs plain sampling (top_p 1): truncated sampling is not p_ft")
     items = sample_completions(tuned, prompts, max_new_tokens, sampling)
-    lp_tuned = completion_logprobs(
-        tuned.model, items, tuned.pad_id, sampling.temperature, batch_size, progress
-    )
-    lp_base = completion_logprobs(base.model, items, base.pad_id, sampling.temperature, batch_size, progress)
+    with _autocast(tuned):  # mixed precision engines score as they generate
+        lp_tuned = completion_logprobs(
+            tuned.model, items, tuned.pad_id, sampling.temperature, batch_size, progress
+        )
+    with _autocast(base):
+        lp_base = completion_logprobs(
+            base.model, items, base.pad_id, sampling.temperature, batch_size, progress
+        )
     return kl_estimate(lp_tuned, lp_base)

@@ -8,8 +8,20 @@ ENGINES = ("hf", "vllm")
 __all__ = ["Engine", "Generation", "HFEngine", "Prompt", "Sampling", "build_engine"]
 
 
-def build_engine(name: str, model_path: str, **options) -> Engine:
-    """Construct the engine ``name`` (``hf`` or ``vllm``) for the model at ``model_path``."""
+def build_engine(name: str, model_path: str, autocast: str | None = None, **options) -> Engine:
+    """Construct the engine ``name`` (``hf`` or ``vllm``) for the model at ``model_path``. ``autocast``
+    (a dtype name; hf only) is mixed precision: float32 weights, forwards under torch.autocast in it."""
+    if autocast is not None:
+        from esft.dtypes import DTYPES
+
+        if name != "hf":
+            from esft.errors import ConfigError
+
+            raise ConfigError(f"mixed precision (autocast {autocast}) needs the hf engine, not {name}")
+        engine = HFEngine(model_path, **{**options, "dtype": "float32"})
+        engine.autocast_dtype = DTYPES[autocast]
+        engine.dtype_reason = f"mixed precision as the run trained: float32 weights, {autocast} autocast"
+        return engine
     if name == "hf":
         return HFEngine(model_path, **options)
     if name == "vllm":
