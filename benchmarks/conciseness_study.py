@@ -234,7 +234,7 @@ def fmt(pair: tuple[float, float], digits: int = 4) -> str:
     return f"{m:.{digits}g}" + ("" if math.isnan(s) else f" ± {s:.2g}")
 
 
-def summarise(out: Path, per_run: dict[str, list[dict]]) -> None:
+def summarise(out: Path, per_run: dict[str, list[dict]], sweeps: dict[str, list[dict]]) -> None:
     rows = {}
     for name, runs in per_run.items():
         rows[name] = {k: mean_sd([r[k] for r in runs])
@@ -253,9 +253,41 @@ def summarise(out: Path, per_run: dict[str, list[dict]]) -> None:
               f"{fmt(r['heldout_normalised'])} | {fmt(r['kl'], 3)} | {fmt(r['answers_kept'], 3)} | "
               f"{fmt(r['train_reward'])} | {fmt(r['train_seconds'], 4)} | {fmt(r['peak_rss_mb'], 4)} | "
               f"{'yes' if name in front else ''} |")  # fmt: skip
-    data = {"configs": rows, "pareto": front, "runs": per_run,
+    data = {"configs": rows, "pareto": front, "runs": per_run, "sweeps": sweeps,
             "choices": {m: chosen(out, m) for m in SWEEPS}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def sweep_table(out: Path, method: str) -> list[dict]:
+    """One row per finished trial of a sweep: its setting, the objective (training prompts) and, for
+    information only (not used to choose), the held-out reward, answers kept and completion length."""
+    spec = SWEEPS[method]
+    found = []
+    for t in sorted(finished_trials(out / "sweeps" / method), key=lambda t: t.params[spec["setting"]]):
+        run = out / "sweeps" / method / t.user_attrs["run_dir"]  # relative to the sweep folder
+        test = [e for e in jsonl(run / "eval.jsonl") if e.get("split") == "test"]
+        train_rows = [e for e in jsonl(run / "eval.jsonl") if e.get("split") == "train"]
+        metrics = jsonl(run / "metrics.jsonl")
+        found.append({
+            spec["setting"]: t.params[spec["setting"]],
+            "objective": t.value,
+            "train_reward_by_eval": [e["reward"] for e in train_rows],
+            "heldout": test[-1]["reward"],
+            "answers_kept": answers_kept(run, test[-1]),
+            "heldout_tokens": test[-1].get("completion_tokens", math.nan),
+            "train_seconds": sum(m["perf/seconds"] for m in metrics),
+        })  # fmt: skip
+    if found:
+        pick = chosen(out, method)
+        print(f"\n{method} sweep ({SWEEP_BUDGET} samples per trial; chosen: {pick})\n")
+        print(f"| {spec['setting']} | training reward at each evaluation | held-out reward | answers containing "
+              "the reference | held-out tokens | train s |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        for r in found:
+            print(f"| {r[spec['setting']]:g} | {' / '.join(f'{v:g}' for v in r['train_reward_by_eval'])} | "
+                  f"{r['heldout']:g} | {r['answers_kept']:.3g} | {r['heldout_tokens']:.3g} | "
+                  f"{r['train_seconds']:.0f} |")  # fmt: skip
+    return found
 
 
 def main() -> None:
@@ -277,13 +309,14 @@ def main() -> None:
             for name, (trainer, settings) in todo.items():
                 train(out, name, trainer, settings, seed, args.budget)
     if args.stage in ("analyse", "all"):
+        sweeps_found = {m: sweep_table(out, m) for m in SWEEPS}
         per_run: dict[str, list[dict]] = {}
         for name in configs(out):
             for seed in args.seeds:
                 run = out / "runs" / f"{name}-seed{seed}"
                 if finished(run, args.budget):
                     per_run.setdefault(name, []).append(analyse_run(run))
-        summarise(out, per_run)
+        summarise(out, per_run, sweeps_found)
         done = sorted({str(out / "runs" / f"{n}-seed{s}") for n in per_run for s in args.seeds
                        if finished(out / "runs" / f"{n}-seed{s}", args.budget)})  # fmt: skip
         sweeps = [str(out / "sweeps" / m) for m in SWEEPS if (out / "sweeps" / m / "sweep.yaml").is_file()]
