@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -288,9 +289,16 @@ def test_resume_reruns_interrupted_trials_and_keeps_finished_ones(tiny_model, tm
     assert len(trials(root)) == 5
 
 
-def test_timeout_starts_no_trial_after_it_and_resume_goes_on(tiny_model, tmp_path, capsys):
-    """As Optuna's optimize(timeout=): a trial (seconds here) outlasts 0.5 s, so no second one starts;
-    the sweep says how to continue, and --resume runs the rest."""
+def test_timeout_starts_no_trial_after_it_and_resume_goes_on(tiny_model, tmp_path, capsys, monkeypatch):
+    """As Optuna's optimize(timeout=): a trial that outlasts 0.5 s (made to take at least 0.6 s here) means
+    no second one starts; the sweep says how to continue, and --resume runs the rest."""
+    real = sweep_objective.train_run
+
+    def slow(*args, **kwargs):
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_objective, "train_run", slow)
     root = tmp_path / "s"
     config = write(tmp_path / "t.yaml", sweep_data(tiny_model))
     assert main(["sweep", "--config", str(config), "--output", str(root), "--timeout", "0.5"]) == 0
