@@ -156,22 +156,37 @@ def _run_key(root: Path) -> str:
 # -- the trackers ----------------------------------------------------------------------------------
 
 
-class _Redone:
-    """Skips the rows of steps an earlier attempt of the run already logged (after ``RunInfo.start``, up
-    to ``logged_through`` for metrics rows and ``evaluated_through`` for evaluations): for trackers that
-    cannot replace a logged step."""
+class _StepTracker(Callback):
+    """A tracker that stores scalars at a step (metrics rows and evaluations alike, ``_write``) and
+    cannot replace a step it holds. A resumed GRPO run redoes the steps after its last training state
+    that an earlier attempt logged (after ``RunInfo.start``, up to ``logged_through`` for metrics rows
+    and ``evaluated_through`` for evaluations); those rows are skipped, the first attempt's kept."""
 
     _redone = (0, 0, 0)
 
-    def _skip(self, run: RunInfo) -> None:
+    def on_train_begin(self, run: RunInfo) -> None:
         self._redone = (run.start, run.logged_through, run.evaluated_through)
+        self._open(run)
 
-    def _new(self, step: int, evaluation: bool = False) -> bool:
-        start, logged, evaluated = self._redone
-        return not start < step <= (evaluated if evaluation else logged)
+    def on_log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._new(step, self._redone[1]):
+            self._write(scalars(metrics), step)
+
+    def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
+        if self._new(step, self._redone[2]):
+            self._write(dict(scalars), step)
+
+    def _new(self, step: int, logged_through: int) -> bool:
+        return not self._redone[0] < step <= logged_through
+
+    def _open(self, run: RunInfo) -> None:
+        raise NotImplementedError
+
+    def _write(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
 
 
-class WandbCallback(_Redone, Callback):
+class WandbCallback(_StepTracker):
     """Weights & Biases: one W&B run per run folder, resumed by id (``resume="allow"``)."""
 
     def __init__(self) -> None:
@@ -188,8 +203,7 @@ class WandbCallback(_Redone, Callback):
                     "run folder and upload it later with wandb sync"
                 ) from None
 
-    def on_train_begin(self, run: RunInfo) -> None:
-        self._skip(run)
+    def _open(self, run: RunInfo) -> None:
         key = _run_key(run.root)
         self.run = self.wandb.init(
             project=os.environ.get("WANDB_PROJECT") or PROJECT,
@@ -204,13 +218,8 @@ class WandbCallback(_Redone, Callback):
         self.run.define_metric("*", step_metric=STEP, step_sync=True)
         _remember(run.root, "wandb", {"id": key, "project": self.run.project})
 
-    def on_log(self, metrics: dict[str, Any], step: int) -> None:
-        if self._new(step):
-            self.run.log({**scalars(metrics), STEP: step})
-
-    def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
-        if self._new(step, evaluation=True):
-            self.run.log({**scalars, STEP: step})
+    def _write(self, values: dict[str, float], step: int) -> None:
+        self.run.log({**values, STEP: step})
 
     def on_train_end(self) -> None:
         if self.run is not None:
@@ -218,7 +227,7 @@ class WandbCallback(_Redone, Callback):
             run.finish(exit_code=1 if _failure() else 0)
 
 
-class MLflowCallback(_Redone, Callback):
+class MLflowCallback(_StepTracker):
     """MLflow, through its client (no global active run): one MLflow run per run folder, reopened by
     the id kept in trackers.json."""
 
@@ -232,8 +241,7 @@ class MLflowCallback(_Redone, Callback):
         self.client: Any = None
         self.run_id: str | None = None
 
-    def on_train_begin(self, run: RunInfo) -> None:
-        self._skip(run)
+    def _open(self, run: RunInfo) -> None:
         root = Path(run.root).resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
         self.client = client = self.Client(uri)
@@ -263,20 +271,12 @@ class MLflowCallback(_Redone, Callback):
             client.log_batch(self.run_id, params=params[i : i + size])
         _remember(root, "mlflow", {"tracking_uri": uri, "run_id": self.run_id})
 
-    def _log(self, values: dict[str, float], step: int) -> None:
+    def _write(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         metrics = [self.Metric(_metric_key(k), v, now, step) for k, v in values.items()]
         size = self.limits.MAX_METRICS_PER_BATCH
         for i in range(0, len(metrics), size):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + size])
-
-    def on_log(self, metrics: dict[str, Any], step: int) -> None:
-        if self._new(step):
-            self._log(scalars(metrics), step)
-
-    def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
-        if self._new(step, evaluation=True):
-            self._log(scalars, step)
 
     def on_train_end(self) -> None:
         if self.run_id is not None:
@@ -284,15 +284,14 @@ class MLflowCallback(_Redone, Callback):
             self.client.set_terminated(run_id, status=_failure() or "FINISHED")
 
 
-class TrackioCallback(_Redone, Callback):
+class TrackioCallback(_StepTracker):
     """Trackio: one Trackio run per run folder, resumed by name (``resume="allow"``)."""
 
     def __init__(self) -> None:
         self.trackio = _require("trackio")
         self.run: Any = None
 
-    def on_train_begin(self, run: RunInfo) -> None:
-        self._skip(run)
+    def _open(self, run: RunInfo) -> None:
         key = _run_key(run.root)
         project = os.environ.get("TRACKIO_PROJECT") or PROJECT
         self.run = self.trackio.init(
@@ -301,13 +300,8 @@ class TrackioCallback(_Redone, Callback):
         where = getattr(getattr(self.trackio, "utils", None), "TRACKIO_DIR", None)
         _remember(run.root, "trackio", {"project": project, "name": key, "dir": str(where)})
 
-    def on_log(self, metrics: dict[str, Any], step: int) -> None:
-        if self._new(step):
-            self.run.log(scalars(metrics), step=step)
-
-    def on_evaluate(self, scalars: dict[str, float], rows: list[dict[str, Any]], step: int) -> None:
-        if self._new(step, evaluation=True):
-            self.run.log(dict(scalars), step=step)
+    def _write(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
 
     def on_train_end(self) -> None:
         if self.run is not None:
