@@ -108,9 +108,12 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
     gpu = None
     if _device_kind(device) == "cuda" and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(str(device)))
+    # mixed precision (GRPO in bf16): the dtype it computes in, and float32 weights (mixed_precision)
+    mixed = getattr(engine, "autocast_dtype", None)
     return {
         "device": _device_kind(device),
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": str(mixed or engine.dtype).removeprefix("torch."),
+        **({"weights_dtype": "float32"} if mixed is not None else {}),
         "dtype_reason": engine.dtype_reason or None,  # --dtype auto's choice (esft/dtypes.py)
         "engine": engine_name,
         "torch": torch.__version__,

@@ -40,7 +40,7 @@ from esft import environment, model_card, runs
 from esft.callbacks import Callback, RunInfo
 from esft.config import GRPORunConfig
 from esft.dtypes import choose
-from esft.engines.hf import HFEngine
+from esft.engines.hf import HFEngine, resolve_device
 from esft.errors import ConfigError
 from esft.evaluate import periodic_eval
 from esft.resources import peak_memory, reset_peak
@@ -75,13 +75,13 @@ def grpo_precision(cfg: GRPORunConfig, device: str) -> tuple[torch.dtype | None,
 
 def grpo_engine(cfg: GRPORunConfig, model_path: str | Path) -> HFEngine:
     """The policy for GRPO: float32 weights, autocast in the compute dtype (``grpo_precision``)."""
-    engine = HFEngine(model_path, dtype="float32", device=cfg.device, batch_size=cfg.batch_size)
-    engine.autocast_dtype, reason = grpo_precision(cfg, engine.device)
-    if engine.autocast_dtype is not None:
-        name = str(engine.autocast_dtype).removeprefix("torch.")
-        engine.dtype_reason = f"{reason}; mixed precision: {name} compute, float32 weights and optimizer"
-    else:
-        engine.dtype_reason = reason
+    device = resolve_device(cfg.device)
+    dtype, reason = grpo_precision(cfg, device)
+    name = None if dtype is None else str(dtype).removeprefix("torch.")
+    engine = HFEngine(model_path, dtype="float32", device=device, batch_size=cfg.batch_size, autocast=name)
+    engine.dtype_reason = reason + (
+        f"; mixed precision: {name} compute, float32 weights and optimizer" if name else ""
+    )
     return engine
 
 
@@ -301,9 +301,6 @@ class GRPORun:
         n_prompts, per_step, micro = step_layout(cfg, len(task.train))
         steps = planned_steps(cfg, per_step)
         env_now = environment.describe(engine, "hf", self.model_path)
-        if engine.autocast_dtype is not None:  # record the compute dtype; the weights are float32
-            env_now["dtype"] = str(engine.autocast_dtype).removeprefix("torch.")
-            env_now["weights_dtype"] = "float32"
         start = logged_through = evaluated_through = 0
         if self.resume:
             start = int(self.state_dir.name.rsplit("-", 1)[1])

@@ -11,19 +11,12 @@ __all__ = ["Engine", "Generation", "HFEngine", "Prompt", "Sampling", "build_engi
 def build_engine(name: str, model_path: str, autocast: str | None = None, **options) -> Engine:
     """Construct the engine ``name`` (``hf`` or ``vllm``) for the model at ``model_path``. ``autocast``
     (a dtype name; hf only) is mixed precision: float32 weights, forwards under torch.autocast in it."""
-    if autocast is not None:
-        from esft.dtypes import DTYPES
+    if autocast is not None and name != "hf":
+        from esft.errors import ConfigError
 
-        if name != "hf":
-            from esft.errors import ConfigError
-
-            raise ConfigError(f"mixed precision (autocast {autocast}) needs the hf engine, not {name}")
-        engine = HFEngine(model_path, **{**options, "dtype": "float32"})
-        engine.autocast_dtype = DTYPES[autocast]
-        engine.dtype_reason = f"mixed precision as the run trained: float32 weights, {autocast} autocast"
-        return engine
+        raise ConfigError(f"mixed precision (autocast {autocast}) needs the hf engine, not {name}")
     if name == "hf":
-        return HFEngine(model_path, **options)
+        return HFEngine(model_path, autocast=autocast, **options)
     if name == "vllm":
         from esft.engines.vllm.driver import VLLMEngine  # imports vllm lazily
 

@@ -43,7 +43,10 @@ class HFEngine:
         dtype: str = "auto",
         device: str = "auto",
         batch_size: int = 64,
+        autocast: str | None = None,
     ) -> None:
+        """``autocast`` (a dtype name) is mixed precision: the weights load in float32 whatever ``dtype``
+        says, and every forward runs under ``torch.autocast`` in that dtype (GRPO in bf16)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -57,11 +60,15 @@ class HFEngine:
             pass
         self.device = resolve_device(device)
         self.dtype, self.dtype_reason = choose(dtype, self.device)
+        # Mixed precision: float32 weights, forwards under torch.autocast in this dtype.
+        self.autocast_dtype: torch.dtype | None = None
+        if autocast is not None:
+            self.autocast_dtype = choose(autocast, self.device)[0]
+            self.dtype = torch.float32
+            self.dtype_reason = f"mixed precision: {autocast} compute, float32 weights"
         self.batch_size = batch_size
         # Benchmarks set this to max_new_tokens so every row does the same token work (EOS suppressed).
         self.min_new_tokens = 0
-        # Mixed precision (GRPO): float32 weights, forwards under torch.autocast in this dtype.
-        self.autocast_dtype: torch.dtype | None = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
             self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
