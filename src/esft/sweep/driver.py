@@ -416,8 +416,9 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or continue) the sweep in ``output`` until ``n_trials`` trials have finished, or, with
     ``timeout``, until that many seconds have passed (as Optuna's ``optimize(timeout=)``: no trial starts
-    after it, the running ones finish; ``--resume`` continues); see the module docstring. A KeyboardInterrupt marks the running trials FAIL (``--resume`` re-runs them) and goes
-    on up; a failed trial raises EsftError once the others running have finished (unless ``catch``)."""
+    after it, the running ones finish; ``--resume`` continues); see the module docstring. A
+    KeyboardInterrupt marks the running trials FAIL (``--resume`` re-runs them) and goes on up; a failed
+    trial raises EsftError once the others running have finished (unless ``catch``)."""
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"--parallel must be an integer >= 1, got {parallel!r}")
     if gpus_per_trial < 0:

@@ -244,8 +244,7 @@ class SweepSpec:
         cls = getattr(optuna.samplers, SAMPLERS[self.sampler["name"]])
         if self.sampler["name"] == "grid":
             kwargs["search_space"] = self.grid()
-            _construct(cls, kwargs, "sampler")  # the options' one-line errors
-            return _ask_tell_grid(cls)(**kwargs)
+            cls = _ask_tell_grid(cls)
         return _construct(cls, kwargs, "sampler")
 
     def make_pruner(self):
@@ -604,6 +603,8 @@ def _ask_tell_grid(grid_sampler: type) -> type:
         def after_trial(self, study, trial, state, values) -> None:
             pass
 
+    # the stock name in the options' one-line errors ("GridSampler takes no option ...")
+    AskTellGridSampler.__name__ = AskTellGridSampler.__qualname__ = grid_sampler.__name__
     return AskTellGridSampler
 
 
