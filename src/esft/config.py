@@ -18,7 +18,7 @@ from typing import Any, Self
 
 import yaml
 
-from esft.errors import ConfigError
+from esft.errors import ConfigError, first_line
 
 NOISES = ("independent", "table", "lowrank", "correlated")
 # esft bench: the reference implementation's behaviour, then each of esft's noise schemes
@@ -363,7 +363,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise ConfigError(f"config file {p}: unsupported type {p.suffix!r}; use .yaml, .toml or .json")
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise ConfigError(f"config file {p} is malformed: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of settings")

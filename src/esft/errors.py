@@ -15,3 +15,10 @@ class ModelError(EsftError):
 
 class DataError(EsftError):
     """A dataset file is missing or malformed."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line for a one-line error: its first line, or its type's name when
+    it has no message (many library errors span pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

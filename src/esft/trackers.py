@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from esft.callbacks import Callback, RunInfo, TensorBoardCallback, scalars
-from esft.errors import ConfigError
+from esft.errors import ConfigError, first_line
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 REPORT_TO = (*TRACKERS, "all", "none")  # what report_to accepts
@@ -197,7 +197,7 @@ class WandbCallback(_StepTracker):
             try:
                 self.wandb.login(verify=False)
             except self.wandb.errors.UsageError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise ConfigError(
                     f"--report-to wandb: {first} Or set WANDB_MODE=offline to keep the W&B run in the "
                     "run folder and upload it later with wandb sync"

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from esft.errors import EsftError
+from esft.errors import EsftError, first_line
 
 HANG_FLOOR_S = 300.0  # the automatic hang limit is never below this
 HANG_FACTOR = 10.0  # ... and is this many times the slowest call that came back
@@ -209,5 +209,4 @@ class Calls:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    return first_line(e)[:200]

@@ -19,7 +19,7 @@ import torch
 
 from esft.dtypes import choose
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
-from esft.errors import ConfigError, ModelError
+from esft.errors import ConfigError, ModelError, first_line
 from esft.es.noise import Member
 from esft.es.params import ParamSet
 
@@ -73,7 +73,7 @@ class HFEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
             self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ModelError(f"cannot load model {str(model_path)!r}: {first}") from e
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esft.errors import ConfigError
+from esft.errors import ConfigError, first_line
 from esft.sweep import layout
 
 IMPORTANCE_SEED = 0
@@ -142,7 +142,7 @@ def importance(study: Any, sweep: Sweep) -> tuple[dict[str, float], str]:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
         found = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)
     except (ValueError, RuntimeError) as e:
-        return {}, f"parameter importance could not be computed: {str(e).splitlines()[0]}"
+        return {}, f"parameter importance could not be computed: {first_line(e)}"
     note = ""
     if len(varied) < len(sweep.kinds):
         fixed = [n for n in sweep.kinds if n not in varied]

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from esft.errors import ConfigError
+from esft.errors import ConfigError, first_line
 
 SPEC_FILE = "sweep.yaml"
 SQLITE_FILE = "study.db"
@@ -57,7 +57,7 @@ def read_spec(root: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{root} is not a sweep folder ({path}: {e.strerror or e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is malformed: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is malformed: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping")
     return data
@@ -107,7 +107,7 @@ def open_storage(root: str | Path, storage: str):
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as e:  # a bad URL, a missing database driver, an unreachable server
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError(f"storage {url}: cannot open it: {first}") from None
 
 

@@ -27,17 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from esft.callbacks import Callback
-from esft.errors import ConfigError, EsftError
+from esft.errors import ConfigError, EsftError, first_line
 from esft.sweep import layout
 from esft.sweep.space import SweepSpec, parse_spec
 
 
 def one_line(e: BaseException) -> str:
     """An exception as one line: an esft error's message, or the type and the first line."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, EsftError):
-        return text or type(e).__name__
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    if isinstance(e, EsftError) or not str(e).strip():
+        return first_line(e)
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 class PruningCallback(Callback):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esft.config import ESConfig, GRPORunConfig, RunConfig
-from esft.errors import ConfigError
+from esft.errors import ConfigError, first_line
 from esft.sweep.layout import import_optuna
 
 METHODS: dict[str, type[RunConfig]] = {"es": ESConfig, "grpo": GRPORunConfig}
@@ -291,7 +291,7 @@ def _construct(cls: type, kwargs: dict[str, Any], what: str):
             ) from None
         raise ConfigError(f"{what}: {cls.__name__}: {e}") from None
     except ValueError as e:
-        raise ConfigError(f"{what}: {cls.__name__}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what}: {cls.__name__}: {first_line(e)}") from None
 
 
 def _named(where: str, value: Any, names: dict[str, str], suffix: str) -> dict[str, Any]:

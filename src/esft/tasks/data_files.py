@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from esft.errors import DataError
+from esft.errors import DataError, first_line
 
 
 def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -103,10 +103,10 @@ def read_hub(name: str, split: str, config: str | None = None) -> list[dict[str,
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except ValueError as e:  # unknown split or config
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(f"Hugging Face dataset {name!r}: {first}") from None
     except Exception as e:  # ConnectionError, DatasetNotFoundError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(
             f"cannot load the Hugging Face dataset {name!r} (split {split!r}): {first}; "
             "check the name and network access, or download it and pass data_file=<path>"

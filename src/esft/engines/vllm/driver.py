@@ -24,7 +24,7 @@ import torch
 
 from esft.dtypes import choose
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
-from esft.errors import ConfigError, ModelError
+from esft.errors import ConfigError, ModelError, first_line
 from esft.es.noise import Member
 from esft.es.params import UpdateStats
 from esft.es.remote import RemoteParamSet
@@ -120,7 +120,7 @@ class VLLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
             self.config = AutoConfig.from_pretrained(str(model_path))
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ModelError(f"cannot load model {str(model_path)!r}: {first}") from e
         try:
             gen_cfg = GenerationConfig.from_pretrained(str(model_path))
