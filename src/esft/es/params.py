@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from esft.es import precision as prec
+from esft.es.fused import BLOCK, FUSED
 from esft.es.lowrank import factors, lowrank_trainable, vector_noise
 from esft.es.noise import Member, NoiseScheme, noise_slices, stream_seed
 
@@ -217,24 +218,27 @@ class ParamSet:
         for m, w in zip(members, weights, strict=True):
             per_seed[m.seed] = per_seed.get(m.seed, 0.0) + float(w) * m.sign
         active = [(Member(seed), w) for seed, w in per_seed.items() if w != 0.0]
-        sq_param = 0.0
         total = 0
         step = prec.StepStats()
         rounding = prec.rounding_seed((m.seed, m.sign) for m in members)
+        fused = bool(active) and FUSED.enabled(self.numel)  # one compiled pass per chunk (fused.py)
         for name, live in self.params.items():
             old = self.pristine[name]
-            sq_param += float(torch.linalg.vector_norm(old, dtype=torch.float32)) ** 2
             total += old.numel()
             if not active:
+                step.add_old(old)
                 continue
             stream = stream_seed(rounding, name)  # the stochastic rounding's bits for this tensor
             for rows, intended in self._steps(name, old, active, alpha / n):
-                self._apply(live, old, rows, intended, stream, step)
+                if fused:
+                    rows, intended = self._apply_fused(live, old, rows, intended, stream, step)
+                if intended.numel():
+                    self._apply(live, old, rows, intended, stream, step)
             if on_tensor is not None:
                 on_tensor()
         return UpdateStats(
             update_norm=math.sqrt(step.sq_applied),
-            param_norm=math.sqrt(sq_param),
+            param_norm=math.sqrt(step.sq_old),
             changed_fraction=step.changed / max(total, 1),
             intended_norm=math.sqrt(step.sq_intended),
             step_cosine=step.cosine(),
@@ -265,6 +269,28 @@ class ParamSet:
         for start in range(0, flat_acc.numel(), CHUNK):
             yield slice(start, start + CHUNK), flat_acc[start : start + CHUNK]
 
+    def _apply_fused(
+        self,
+        live: torch.Tensor,
+        old: torch.Tensor,
+        rows: slice,
+        intended: torch.Tensor,
+        stream: int,
+        step: prec.StepStats,
+    ) -> tuple[slice, torch.Tensor]:
+        """The whole BLOCK rows of a chunk through the compiled kernel (the same bits as ``_apply``);
+        returns what is left for ``_apply``: the chunk's tail, or all of it where no kernel serves."""
+        n = intended.numel()
+        main = n - n % BLOCK
+        if main:
+            part = slice(rows.start, rows.start + main)
+            o, lv = old.view(-1)[part], live.view(-1)[part]
+            sums = FUSED.apply(self.precision, o, lv, intended[:main], stream, rows.start)
+            if sums is not None:
+                step.add_sums(*sums)
+                return slice(rows.start + main, rows.start + n), intended[main:]
+        return rows, intended
+
     def _apply(
         self,
         live: torch.Tensor,
@@ -277,6 +303,7 @@ class ParamSet:
         """Write old + intended into the stored weights of one chunk (by the precision mode) and record
         the applied step against the intended one."""
         o, lv = old.view(-1)[rows], live.view(-1)[rows]
+        step.add_old(o)
         step.add_intended(intended)
         if o.dtype == torch.float32:  # masters, or float32 weights
             applied = o.clone()

@@ -60,7 +60,8 @@ def rounding_seed(members: Iterable[tuple[int, int]]) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _signed32(v: int) -> int:
+def signed32(v: int) -> int:
+    """The low 32 bits of ``v`` as a signed int32 value (how a 32-bit constant enters int32 tensors)."""
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v >= 1 << 31 else v
 
@@ -69,9 +70,9 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (Wellons' lowbias32), in place on an int32 tensor: every output bit depends
     on every input bit. ``>>`` is arithmetic on int32, so each shift is masked to make it logical."""
     h.bitwise_xor_(h.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-    h.mul_(_signed32(0x7FEB352D))
+    h.mul_(signed32(0x7FEB352D))
     h.bitwise_xor_(h.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
-    h.mul_(_signed32(0x846CA68B))
+    h.mul_(signed32(0x846CA68B))
     h.bitwise_xor_(h.bitwise_right_shift(16).bitwise_and_(0xFFFF))
     return h
 
@@ -83,7 +84,7 @@ def random_bits(seed: int, offset: int, n: int, device: torch.device | str = "cp
         h = torch.arange(offset, offset + n, dtype=torch.int32, device=device)
     else:
         h = torch.arange(offset, offset + n, dtype=torch.int64, device=device).to(torch.int32)
-    h.mul_(_signed32(0x9E3779B9)).add_(_signed32(seed)).bitwise_xor_(_signed32(seed >> 32))
+    h.mul_(signed32(0x9E3779B9)).add_(signed32(seed)).bitwise_xor_(signed32(seed >> 32))
     return _mix32(h)
 
 
@@ -118,6 +119,7 @@ class StepStats:
     """Running sums comparing the applied step with the intended one, over any number of chunks."""
 
     def __init__(self) -> None:
+        self.sq_old = 0.0  # ||weights before the update||^2
         self.dot = 0.0  # <applied, intended>
         self.sq_applied = 0.0
         self.sq_intended = 0.0
@@ -147,6 +149,24 @@ class StepStats:
         overwritten by ``add_applied``.)"""
         self.add_intended(intended)
         self.add_applied(applied.clone(), intended)
+
+    def add_sums(
+        self, sq_old: float, sq_intended: float, sq_applied: float, dot: float, wanted: int, moved: int
+    ) -> None:
+        """A chunk's sums computed elsewhere (the fused update, fused.py): <w,w> of the weights before
+        the update, <i,i>, <a,a>, <a,i>, and the counts of coordinates the intended step changes and of
+        those whose stored value moved."""
+        self.sq_old += sq_old
+        self.sq_intended += sq_intended
+        self.sq_applied += sq_applied
+        self.dot += dot
+        self.intended_nonzero += wanted
+        self.changed += moved
+        self.lost += wanted - moved
+
+    def add_old(self, weights: torch.Tensor) -> None:
+        """The weights (any float dtype) of a chunk before the update."""
+        self.sq_old += float(torch.linalg.vector_norm(weights.view(-1), dtype=torch.float32)) ** 2
 
     def add_intended(self, intended: torch.Tensor) -> None:
         """The intended step of one chunk; ``add_applied`` of the same chunk follows."""

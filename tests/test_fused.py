@@ -1,0 +1,154 @@
+"""The fused update (es/fused.py): the compiled one-pass kernels give the eager update's weights bit for
+bit in every precision mode, statistics that agree with it (and with the exact sums) for any thread
+count, and an eager update with a one-line note wherever compiling fails."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esft.errors import ConfigError
+from esft.es import fused
+from esft.es import precision as prec
+from esft.es.noise import Member
+from esft.es.params import ParamSet
+
+MEMBERS = [Member(s, g) for s in range(3) for g in (1, -1)]
+WEIGHTS = [1.0, -0.5, 0.25, 0.75, -1.25, 0.0]
+
+# (dtype, precision): every kernel, and fp16 stochastic, which has none (its tail is the whole update)
+CASES = [
+    (torch.bfloat16, "stochastic"),
+    (torch.bfloat16, "nearest"),
+    (torch.bfloat16, "master"),
+    (torch.float32, "auto"),
+    (torch.float16, "stochastic"),
+]
+
+
+def _params(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    # 130 columns: chunks are not whole BLOCK rows, so every matrix also has an eager tail
+    shapes = {"a.weight": (48, 256), "b.weight": (37, 130), "b.bias": (37,), "c.weight": (300, 128)}
+    return {n: (torch.randn(s, generator=gen) * 0.02).to(dtype) for n, s in shapes.items()}
+
+
+def _run(monkeypatch, setting: str, dtype, precision, scheme, alpha=1e-3):
+    monkeypatch.setenv(fused.ENV, setting)
+    params = _params(dtype)
+    ps = ParamSet(params, scheme=scheme, rank=2, precision=precision)
+    stats = [ps.update(MEMBERS, WEIGHTS, alpha) for _ in range(2)]
+    return params, ps, stats
+
+
+@pytest.mark.parametrize(("dtype", "precision"), CASES)
+@pytest.mark.parametrize("scheme", ["lowrank", "independent"])
+def test_fused_update_gives_the_eager_weights_bit_for_bit(monkeypatch, dtype, precision, scheme):
+    eager, eager_ps, eager_stats = _run(monkeypatch, "off", dtype, precision, scheme)
+    fast, fast_ps, fast_stats = _run(monkeypatch, "on", dtype, precision, scheme)
+    assert all(torch.equal(eager[n], fast[n]) for n in eager)
+    assert all(torch.equal(eager_ps.pristine[n], fast_ps.pristine[n]) for n in eager)  # masters too
+    assert any(not torch.equal(_params(dtype)[n], fast[n]) for n in fast), "the update changed nothing"
+    for e, f in zip(eager_stats, fast_stats, strict=True):
+        assert f.changed_fraction == e.changed_fraction and f.lost_fraction == e.lost_fraction
+        for field in ("update_norm", "intended_norm", "step_cosine", "param_norm"):
+            assert getattr(f, field) == pytest.approx(getattr(e, field), rel=1e-5), field
+
+
+def test_the_fused_kernels_ran(monkeypatch):
+    """The comparison above is not eager against eager: with the setting on, the kernels are built."""
+    monkeypatch.setattr(fused, "FUSED", fused.Fused())
+    import esft.es.params as params_module
+
+    monkeypatch.setattr(params_module, "FUSED", fused.FUSED)
+    _run(monkeypatch, "on", torch.bfloat16, "stochastic", "lowrank")
+    assert fused.FUSED._kernels and all(k is not None for k in fused.FUSED._kernels.values())
+    monkeypatch.setattr(fused, "FUSED", fused.Fused())
+    monkeypatch.setattr(params_module, "FUSED", fused.FUSED)
+    _run(monkeypatch, "off", torch.bfloat16, "stochastic", "lowrank")
+    assert not fused.FUSED._kernels
+
+
+def test_stochastic_kernel_matches_the_eager_rounding_past_2_31():
+    """The hash of coordinate offset+k wraps to int32 as the eager path's does (tensors of 2**31+
+    values), and a run of updates keeps the bits."""
+    gen = torch.Generator().manual_seed(1)
+    n = 64 * fused.BLOCK
+    old = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    intended = torch.randn(n, generator=gen) * 1e-5
+    for offset in (0, (1 << 31) - 5 * fused.BLOCK, (1 << 33) + 7):
+        stream = 0xDEADBEEF_12345678 + offset
+        want = prec.stochastic_round(old.float() + intended, torch.bfloat16, stream, offset)
+        got = old.clone()
+        sums = fused.FUSED.apply("stochastic", got, got, intended, stream, offset)
+        assert sums is not None
+        assert torch.equal(got.float(), want)
+        applied = want - old.float()
+        assert sums[5] == int(torch.count_nonzero(applied)) and sums[4] == int(torch.count_nonzero(intended))
+        assert sums[0] == pytest.approx(float(old.double().pow(2).sum()), rel=1e-6)
+
+
+def test_fused_statistics_are_exact_sums_and_independent_of_threads():
+    gen = torch.Generator().manual_seed(2)
+    n = 4096 * fused.BLOCK
+    intended = torch.randn(n, generator=gen) * 1e-5
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, max(2, threads)):
+            torch.set_num_threads(t)
+            o = torch.zeros(n)
+            results.append(fused.FUSED.apply("float32", o, o, intended, 0, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1]
+    exact = float(intended.double().pow(2).sum())
+    sq_old, sq_intended, sq_applied, dot, wanted, moved = results[0]
+    assert sq_old == 0.0
+    assert sq_intended == pytest.approx(exact, rel=1e-8)  # a float32 norm over 512K values misses by ~1e-5
+    assert sq_applied == pytest.approx(exact, rel=1e-6) and dot == pytest.approx(exact, rel=1e-6)
+    assert wanted == moved == n
+
+
+def test_a_platform_that_cannot_compile_updates_eagerly_with_one_note(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    own = fused.Fused()
+    o = torch.zeros(4 * fused.BLOCK, dtype=torch.bfloat16)
+    assert own.apply("nearest", o, o, torch.ones(o.numel()), 0, 0) is None
+    assert own.apply("stochastic", o, o, torch.ones(o.numel()), 0, 0) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RuntimeError: no C++ compiler" in err and "updating eagerly" in err
+    assert torch.equal(o, torch.zeros_like(o))
+
+
+def test_a_kernel_that_disagrees_with_the_eager_path_is_not_used(monkeypatch, capsys):
+    def wrong(fn, **kwargs):
+        def run(o, *args):
+            out = fn(o, *args)
+            o.view(-1)[0] += 1  # one coordinate off
+            return out
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", wrong)
+    own = fused.Fused()
+    o = torch.zeros(4 * fused.BLOCK)
+    assert own.apply("float32", o, o, torch.ones(o.numel()), 0, 0) is None
+    assert "differs from the eager one" in capsys.readouterr().err
+
+
+def test_the_setting(monkeypatch):
+    monkeypatch.setenv(fused.ENV, "auto")
+    assert not fused.FUSED.enabled(fused.MIN_NUMEL - 1) and fused.FUSED.enabled(fused.MIN_NUMEL)
+    monkeypatch.setenv(fused.ENV, "off")
+    assert not fused.FUSED.enabled(math.inf)
+    monkeypatch.setenv(fused.ENV, "ON")
+    assert fused.FUSED.enabled(1)
+    monkeypatch.setenv(fused.ENV, "yes")
+    with pytest.raises(ConfigError, match="ESFT_FUSED_UPDATE must be auto, on or off"):
+        fused.FUSED.enabled(1)
