@@ -268,6 +268,35 @@ def test_update_and_save_match_hf_bit_for_bit(tmp_path, tiny32):
     ]
 
 
+def test_fused_update_in_the_worker_matches_the_eager_hf_update(tmp_path, tiny32, monkeypatch, capfd):
+    """The compiled update (es/fused.py) inside vLLM's worker process, over its fused qkv/gate_up
+    slices, writes the bits the eager update writes in the HF engine."""
+    from safetensors.torch import load_file
+
+    members = [Member(5, 1), Member(5, -1), Member(9, 1)]
+    weights, alpha = [1.0, -0.5, 0.25], 0.01
+    monkeypatch.setenv("ESFT_FUSED_UPDATE", "off")
+    hf = HFEngine(tiny32, dtype="float32", device="cpu")
+    from esft.es.params import select_trained
+
+    ref = ParamSet(select_trained(hf.parameters(), [], "lowrank"), scheme="lowrank", rank=2)
+    ref_stats = ref.update(members, weights, alpha)
+    monkeypatch.setenv("ESFT_FUSED_UPDATE", "on")  # the worker process inherits it
+    e = VLLMEngine(tiny32, dtype="float32", device="cpu", batch_size=4, max_model_len=256, kv_cache_gib=0.25)
+    try:
+        ps = e.param_set(freeze=[], noise="lowrank", rank=2)
+        stats = ps.update(members, weights, alpha)
+        e.save(tmp_path / "ckpt")
+    finally:
+        e.close()
+    assert "fused update kernel is unavailable" not in capfd.readouterr().err  # it compiled there
+    assert stats.update_norm == pytest.approx(ref_stats.update_norm, rel=1e-5)
+    assert stats.changed_fraction == ref_stats.changed_fraction
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    for name, t in hf.parameters().items():
+        assert torch.equal(saved[name], t), name
+
+
 def test_tied_checkpoint_loads_in_transformers(tmp_path, tied_engine, tiny32_tied):
     from transformers import AutoModelForCausalLM
 
