@@ -192,6 +192,44 @@ def check_master_follows_float32(scheme: str, device: str, tmp: Path) -> None:
         assert torch.equal(master.params[k], exact.params[k].to(torch.bfloat16)), k
 
 
+def check_fused_update(precision: str, device: str, tmp: Path) -> None:
+    """The compiled update (es/fused.py: Triton on CUDA, C++ on the CPU) builds on the device and writes
+    the eager update's bits, for both noise schemes, over three updates."""
+    from esft.es import fused
+
+    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    results = {}
+    previous = os.environ.get(fused.ENV)
+    try:
+        for setting in ("off", "on"):
+            os.environ[fused.ENV] = setting
+            for scheme in ("lowrank", "independent"):
+                base = make_params(dtype, device)
+                ps = ParamSet(
+                    base, scheme=scheme, rank=2, precision="auto" if precision == "float32" else precision
+                )
+                for t in range(1, 4):
+                    ps.update(
+                        [Member(100 * t + i, 1 if i % 2 else -1) for i in range(4)],
+                        [0.5, -1.0, 1.5, -0.25],
+                        1e-3,
+                    )
+                results[setting, scheme] = (base, ps.pristine)
+    finally:
+        if previous is None:
+            os.environ.pop(fused.ENV)
+        else:
+            os.environ[fused.ENV] = previous
+    built = [
+        k for k, v in fused.FUSED._kernels.items() if k[2] == torch.device(device).type and v is not None
+    ]
+    assert built, f"no fused kernel built on {device}: {fused.FUSED._kernels}"
+    for scheme in ("lowrank", "independent"):
+        (eager, eager_state), (fast, fast_state) = results["off", scheme], results["on", scheme]
+        for k in eager:
+            assert torch.equal(eager[k], fast[k]) and torch.equal(eager_state[k], fast_state[k]), (scheme, k)
+
+
 # -- low-rank population batching -----------------------------------------------------------------
 
 
@@ -345,6 +383,10 @@ CHECKS: dict[str, Check] = {
     **{
         f"master_follows_float32-{s}": functools.partial(check_master_follows_float32, s)
         for s in ("independent", "lowrank")
+    },
+    **{
+        f"fused_update-{p}": functools.partial(check_fused_update, p)
+        for p in ("stochastic", "nearest", "master", "float32")
     },
     **{
         f"resume_bit_identical-{n}-{p}": functools.partial(check_resume_bit_identical, n, p)
