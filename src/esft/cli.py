@@ -344,6 +344,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from esft.bench import format_table, run_bench
     from esft.engines import build_engine
+    from esft.es.fused import FUSED
     from esft.models import resolve_model
     from esft.population import engine_options
     from esft.tasks import load_task
@@ -383,7 +384,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "fixed_length": args.fixed_length,
         "engine": args.engine,
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "update": args.update_precision,
+        "update": args.update_precision + (" (fused)" if FUSED.built() else ""),
     }
     reason = engine.dtype_reason
     if reason:

@@ -378,9 +378,11 @@ class ESTrainer:
         if check_env:
             environment.check(recorded, env_now, environment.CHECKED, "--resume")
         environment.write(store.root, env_now)
+        fused = getattr(params, "fused", False)  # a local ParamSet large enough for the compiled update
         self._log(
             f"esft: dtype {env_now['dtype']} ({env_now.get('dtype_reason') or 'as set'}); update precision "
             f"{params.precision} ({getattr(params, 'precision_reason', '') or 'resolved by the engine'})"
+            + ("; the update is one compiled pass per chunk (built on first use)" if fused else "")
         )
         if self.resume:
             store.truncate_logs(done)

@@ -116,6 +116,10 @@ class Fused:
         self._kernels: dict[tuple, Callable | None] = {}
         self.noted = False
 
+    def built(self) -> bool:
+        """Whether a compiled kernel has been built (and passed its check) in this process."""
+        return any(k is not None for k in self._kernels.values())
+
     def enabled(self, numel: int) -> bool:
         """Whether an update of ``numel`` trained values should use the compiled kernels."""
         setting = os.environ.get(ENV, "auto").strip().lower()

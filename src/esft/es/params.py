@@ -141,6 +141,11 @@ class ParamSet:
     def numel(self) -> int:
         return sum(t.numel() for t in self.params.values())
 
+    @property
+    def fused(self) -> bool:
+        """Whether updates run through the compiled kernels (fused.py; ESFT_FUSED_UPDATE, the size)."""
+        return FUSED.enabled(self.numel)
+
     def _eps(self, name: str, member: Member):
         """(start, values) slices of the flattened float32 noise of ``name`` under ``member``."""
         if self.scheme == NoiseScheme.LOWRANK:
@@ -221,7 +226,7 @@ class ParamSet:
         total = 0
         step = prec.StepStats()
         rounding = prec.rounding_seed((m.seed, m.sign) for m in members)
-        fused = bool(active) and FUSED.enabled(self.numel)  # one compiled pass per chunk (fused.py)
+        fused = bool(active) and self.fused  # one compiled pass per chunk (fused.py)
         for name, live in self.params.items():
             old = self.pristine[name]
             total += old.numel()
