@@ -72,6 +72,12 @@ def _bits(shape: torch.Size, key: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
+def _hash_key(offset: int, stream: int, device: torch.device | str) -> torch.Tensor:
+    """``_bits``' key: a tensor, so that a new seed or offset is new data, not a new compiled graph."""
+    values = [prec.signed32(offset), prec.signed32(stream), prec.signed32(stream >> 32)]
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
 def _stochastic_bf16(o: torch.Tensor, intended: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """bf16 weights ``o`` <- stochastic_round(o + intended), in place; the row sums (each kernel takes
     them before it writes ``o``: a traced read of ``o`` after ``copy_`` sees the new values)."""
@@ -160,11 +166,7 @@ class Fused:
         elif separate:
             return None, ()
         elif mode == "stochastic" and old.dtype == torch.bfloat16:
-            k = torch.tensor(
-                [prec.signed32(offset), prec.signed32(stream), prec.signed32(stream >> 32)],
-                dtype=torch.int32,
-                device=old.device,
-            )
+            k = _hash_key(offset, stream, old.device)
             key, args = ("stochastic", old.dtype, old.device.type), (old.view(rows), intended.view(rows), k)
         elif mode == "nearest":
             key, args = ("nearest", old.dtype, old.device.type), (old.view(rows), intended.view(rows))
@@ -219,12 +221,7 @@ def self_check(kernel: Callable, name: str, dtype: torch.dtype | None, device: s
         if name == "stochastic":
             want.copy_(prec.stochastic_round(want.float() + intended, dtype, stream, offset))
             got = stored.clone()
-            key = torch.tensor(
-                [prec.signed32(offset), prec.signed32(stream), prec.signed32(stream >> 32)],
-                dtype=torch.int32,
-                device=device,
-            )
-            kernel(got.view(-1, BLOCK), intended.view(-1, BLOCK), key)
+            kernel(got.view(-1, BLOCK), intended.view(-1, BLOCK), _hash_key(offset, stream, device))
         elif name == "nearest":
             torch.add(want.float(), intended, out=want)
             got = stored.clone()
