@@ -153,6 +153,38 @@ def test_a_kernel_that_disagrees_with_the_eager_path_is_not_used(monkeypatch, ca
     assert "differs from the eager one" in capsys.readouterr().err
 
 
+def test_a_kernel_that_fails_later_leaves_the_update_to_the_eager_path(monkeypatch, capsys):
+    """A recompile that fails after the self-check (a new shape, a new dtype) must not stop a run: that
+    kernel is dropped, the chunk is updated eagerly, and the update's bits are the eager ones."""
+    real = torch.compile
+    calls = {"n": 0}
+
+    def flaky(fn, **kwargs):
+        compiled = real(fn, **kwargs)
+
+        def run(*args):
+            calls["n"] += 1
+            if calls["n"] > 2:  # the self-check's two calls pass
+                raise RuntimeError("recompile failed")
+            return compiled(*args)
+
+        return run
+
+    own = fused.Fused()
+    monkeypatch.setattr(fused, "FUSED", own)
+    import esft.es.params as params_module
+
+    monkeypatch.setattr(params_module, "FUSED", own)
+    eager, _, eager_stats = _run(monkeypatch, "off", torch.bfloat16, "stochastic", "lowrank")
+    monkeypatch.setattr(torch, "compile", flaky)
+    fast, _, fast_stats = _run(monkeypatch, "on", torch.bfloat16, "stochastic", "lowrank")
+    assert all(torch.equal(eager[n], fast[n]) for n in eager)
+    assert fast_stats[-1].changed_fraction == eager_stats[-1].changed_fraction
+    assert own._kernels and all(k is None for k in own._kernels.values())
+    err = capsys.readouterr().err
+    assert err.count("fused update kernel is unavailable") == 1 and "recompile failed" in err
+
+
 def test_the_setting(monkeypatch):
     monkeypatch.setenv(fused.ENV, "auto")
     assert not fused.FUSED.enabled(fused.MIN_NUMEL - 1) and fused.FUSED.enabled(fused.MIN_NUMEL)

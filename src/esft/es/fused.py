@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from esft.errors import ConfigError
+from esft.errors import ConfigError, first_line
 from esft.es import precision as prec
 
 BLOCK = 128  # values per statistics row: hidden sizes are multiples of it, so chunks rarely have tails
@@ -145,13 +145,20 @@ class Fused:
         """Update ``old`` (and ``live`` where it is a separate compute copy) by ``intended`` over whole
         BLOCK rows, as ``ParamSet._apply`` would; None where no compiled kernel serves this case (the
         caller updates eagerly). All three are flat, contiguous, of one length, a multiple of BLOCK."""
-        kernel, args = self._route(mode, old, live, intended, stream, offset)
+        key, args = self._route(mode, old, live, intended, stream, offset)
+        kernel = None if key is None else self._kernel(key)
         if kernel is None:
             return None
         for t in args:
             if t.ndim == 2 and t.shape[0] > 1:  # rows vary from call to call; BLOCK is compiled in
                 torch._dynamo.mark_dynamic(t, 0)
-        sums = kernel(*args).double().sum(1).tolist()
+        try:
+            rows = kernel(*args)
+        except Exception as e:  # noqa: BLE001 - a later (re)compile failed before the kernel wrote anything
+            self._kernels[key] = None
+            self._note(_describe(e))
+            return None
+        sums = rows.double().sum(1).tolist()
         return sums[0], sums[1], sums[2], sums[3], int(sums[4]), int(sums[5])
 
     def _route(self, mode, old, live, intended, stream, offset):
@@ -172,7 +179,15 @@ class Fused:
             key, args = ("nearest", old.dtype, old.device.type), (old.view(rows), intended.view(rows))
         else:
             return None, ()
-        return self._kernel(key), args
+        return key, args
+
+    def _note(self, problem: str) -> None:
+        if not self.noted:
+            print(
+                f"esft: the fused update kernel is unavailable here ({problem}); updating eagerly",
+                file=sys.stderr,
+            )
+            self.noted = True
 
     def _kernel(self, key: tuple) -> Callable | None:
         if key not in self._kernels:
@@ -194,18 +209,15 @@ class Fused:
             kernel = torch.compile(fn[name], dynamic=False, fullgraph=True, options=options)
             problem = self_check(kernel, name, dtype, device)
         except Exception as e:  # noqa: BLE001 - any failure to compile means: update eagerly
-            from esft.errors import first_line
-
-            problem = f"{type(e).__name__}: {first_line(e)}"
+            problem = _describe(e)
         if problem is None:
             return kernel
-        if not self.noted:
-            print(
-                f"esft: the fused update kernel is unavailable here ({problem}); updating eagerly",
-                file=sys.stderr,
-            )
-            self.noted = True
+        self._note(problem)
         return None
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def self_check(kernel: Callable, name: str, dtype: torch.dtype | None, device: str) -> str | None:
