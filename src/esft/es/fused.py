@@ -2,10 +2,11 @@
 
 ``ParamSet.update`` (params.py) writes ``old + intended`` into the stored weights by the precision mode
 (precision.py) and compares the applied step with the intended one. Written as eager torch operations
-that is about 28 passes over every trained value (the float32 add, the rounding hash, the cast, three
-norms and two counts), 5 s per update of the 630M values of the embedded model on a 2-core CPU, where
-generating a whole iteration takes 15 s in bf16. ``torch.compile`` (inductor) turns the same
-operations into one loop over the chunk: about a fifth of the time (docs/benchmarks.md).
+that is about 28 passes over every trained value (the float32 add, the rounding hash, the cast, the
+parameter norm, three step norms and two counts): 3.9 s per update of the 630M values of the embedded
+model in bf16 on a 2-core CPU, where generating a whole iteration takes 16 s. ``torch.compile``
+(inductor) turns the same operations into one loop over each chunk: 1.2 s for the whole update, the
+low-rank product included (docs/benchmarks.md).
 
 **The weights are bit-identical** to the eager path's: the one float operation on them is the float32
 addition ``old + intended`` (correctly rounded in both, and inductor does not contract it into an FMA);
