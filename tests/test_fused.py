@@ -195,3 +195,34 @@ def test_the_setting(monkeypatch):
     monkeypatch.setenv(fused.ENV, "yes")
     with pytest.raises(ConfigError, match="ESFT_FUSED_UPDATE must be auto, on or off"):
         fused.FUSED.enabled(1)
+
+
+@pytest.mark.parametrize("precision", ["stochastic", "master"])
+def test_a_run_trained_with_the_kernels_replays_and_resumes_without_them(
+    tiny_model, tmp_path, capsys, monkeypatch, precision
+):
+    """End to end: bf16 training through the compiled update, resumed and replayed through the eager
+    one (and the other way round), gives the same checkpoint bits."""
+    from safetensors.torch import load_file
+    from test_e2e import train
+
+    from esft.cli import main
+
+    extra = ("--dtype", "bfloat16", "--noise", "lowrank", "--update-precision", precision)
+    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+    import esft.es.params as params_module
+
+    own = fused.Fused()
+    monkeypatch.setattr(params_module, "FUSED", own)
+    monkeypatch.setenv(fused.ENV, "on")
+    assert train(tiny_model, straight, 3, *extra, "--checkpoint-every", "1") == 0
+    assert own.built(), "the compiled kernels did not run"
+    assert train(tiny_model, mixed, 1, *extra, "--checkpoint-every", "1") == 0
+    monkeypatch.setenv(fused.ENV, "off")
+    assert train(tiny_model, mixed, 3, *extra, "--checkpoint-every", "1", "--resume") == 0
+    a = load_file(str(straight / "checkpoints" / "iter-000003" / "model.safetensors"))
+    b = load_file(str(mixed / "checkpoints" / "iter-000003" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["replay", "--run", str(straight), "--iteration", "3", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
