@@ -12,7 +12,8 @@ reference behaviour on the same work; training always uses the exact copy.
 The update ``theta += alpha/N * sum_n z_n sign_n eps_n`` is accumulated per tensor in float32 over the
 members and written once, so a small step is not lost to 30 separate bf16 roundings. How that one write
 keeps steps below half an ulp in bf16/fp16 (float32 masters or stochastic rounding) is ``precision.py``;
-every update measures what reached the stored weights against the intended float32 step.
+every update measures what reached the stored weights against the intended float32 step. For large
+updates that elementwise work runs as one compiled pass per chunk (``fused.py``), with the same bits.
 """
 
 from __future__ import annotations
