@@ -1,6 +1,7 @@
-"""The fused update (es/fused.py): the compiled one-pass kernels give the eager update's weights bit for
-bit in every precision mode, statistics that agree with it (and with the exact sums) for any thread
-count, and an eager update with a one-line note wherever compiling fails."""
+"""The fused update (es/fused.py): the compiled one-pass kernels (inductor's, and the C kernel of
+es/native.py for stochastic rounding on the CPU) give the eager update's weights bit for bit in every
+precision mode, statistics that agree with it (and with the exact sums) for any thread count, and an
+eager update with a one-line note wherever compiling fails."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from esft.errors import ConfigError
-from esft.es import fused
+from esft.es import fused, native
 from esft.es import precision as prec
 from esft.es.noise import Member
 from esft.es.params import ParamSet
@@ -22,6 +23,12 @@ needs_compiler = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None and os.environ.get("CI") != "true",
     reason="no C++ compiler (g++): torch.compile cannot build the fused kernels here",
 )
+
+
+def _without_native(monkeypatch) -> None:
+    """Stochastic rounding on the CPU through inductor's kernel instead of the C one."""
+    monkeypatch.setattr(native, "stochastic_bf16", lambda: None)
+
 
 MEMBERS = [Member(s, g) for s in range(3) for g in (1, -1)]
 WEIGHTS = [1.0, -0.5, 0.25, 0.75, -1.25, 0.0]
@@ -65,6 +72,22 @@ def test_fused_update_gives_the_eager_weights_bit_for_bit(monkeypatch, dtype, pr
             assert getattr(f, field) == pytest.approx(getattr(e, field), rel=1e-5), field
 
 
+@pytest.mark.parametrize("scheme", ["lowrank", "independent"])
+def test_inductor_stochastic_kernel_gives_the_eager_weights_too(monkeypatch, scheme):
+    """The CUDA path (and the CPU's where no C kernel builds): inductor's stochastic kernel."""
+    _without_native(monkeypatch)
+    own = fused.Fused()
+    import esft.es.params as params_module
+
+    monkeypatch.setattr(params_module, "FUSED", own)
+    eager, _, eager_stats = _run(monkeypatch, "off", torch.bfloat16, "stochastic", scheme)
+    fast, _, fast_stats = _run(monkeypatch, "on", torch.bfloat16, "stochastic", scheme)
+    assert all(torch.equal(eager[n], fast[n]) for n in eager)
+    assert fast_stats[-1].changed_fraction == eager_stats[-1].changed_fraction
+    kernel = own._kernels[("stochastic", torch.bfloat16, "cpu")]
+    assert kernel is not None and not getattr(kernel, "native", False)
+
+
 @needs_compiler
 def test_the_fused_kernels_ran(monkeypatch):
     """The comparison above is not eager against eager: with the setting on, the kernels are built."""
@@ -74,6 +97,7 @@ def test_the_fused_kernels_ran(monkeypatch):
     monkeypatch.setattr(params_module, "FUSED", fused.FUSED)
     _run(monkeypatch, "on", torch.bfloat16, "stochastic", "lowrank")
     assert fused.FUSED._kernels and all(k is not None for k in fused.FUSED._kernels.values())
+    assert fused.FUSED._kernels[("stochastic", torch.bfloat16, "cpu")].native  # the C kernel on a CPU
     monkeypatch.setattr(fused, "FUSED", fused.Fused())
     monkeypatch.setattr(params_module, "FUSED", fused.FUSED)
     _run(monkeypatch, "off", torch.bfloat16, "stochastic", "lowrank")
@@ -81,9 +105,13 @@ def test_the_fused_kernels_ran(monkeypatch):
 
 
 @needs_compiler
-def test_stochastic_kernel_matches_the_eager_rounding_past_2_31():
+@pytest.mark.parametrize("kernel", ["native", "inductor"])
+def test_stochastic_kernel_matches_the_eager_rounding_past_2_31(monkeypatch, kernel):
     """The hash of coordinate offset+k wraps to int32 as the eager path's does (tensors of 2**31+
     values), and a run of updates keeps the bits."""
+    if kernel == "inductor":
+        _without_native(monkeypatch)
+    monkeypatch.setattr(fused, "FUSED", fused.Fused())
     gen = torch.Generator().manual_seed(1)
     n = 64 * fused.BLOCK
     old = (torch.randn(n, generator=gen) * 0.02).bfloat16()
@@ -105,16 +133,21 @@ def test_fused_statistics_are_exact_sums_and_independent_of_threads():
     gen = torch.Generator().manual_seed(2)
     n = 4096 * fused.BLOCK
     intended = torch.randn(n, generator=gen) * 1e-5
-    results = []
+    base = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    results, rounded = [], []
     threads = torch.get_num_threads()
     try:
-        for t in (1, max(2, threads)):
+        for t in (1, max(2, threads), 3):
             torch.set_num_threads(t)
             o = torch.zeros(n)
             results.append(fused.FUSED.apply("float32", o, o, intended, 0, 0))
+            o = base.clone()
+            rounded.append((fused.FUSED.apply("stochastic", o, o, intended, 5, 0), o))  # the C kernel
     finally:
         torch.set_num_threads(threads)
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
+    assert rounded[0][0] == rounded[1][0] == rounded[2][0]
+    assert torch.equal(rounded[0][1], rounded[1][1]) and torch.equal(rounded[0][1], rounded[2][1])
     exact = float(intended.double().pow(2).sum())
     sq_old, sq_intended, sq_applied, dot, wanted, moved = results[0]
     assert sq_old == 0.0
@@ -128,6 +161,7 @@ def test_a_platform_that_cannot_compile_updates_eagerly_with_one_note(monkeypatc
         raise RuntimeError("no C++ compiler\nsecond line")
 
     monkeypatch.setattr(torch, "compile", broken)
+    _without_native(monkeypatch)
     own = fused.Fused()
     o = torch.zeros(4 * fused.BLOCK, dtype=torch.bfloat16)
     assert own.apply("nearest", o, o, torch.ones(o.numel()), 0, 0) is None
@@ -177,6 +211,7 @@ def test_a_kernel_that_fails_later_leaves_the_update_to_the_eager_path(monkeypat
     monkeypatch.setattr(params_module, "FUSED", own)
     eager, _, eager_stats = _run(monkeypatch, "off", torch.bfloat16, "stochastic", "lowrank")
     monkeypatch.setattr(torch, "compile", flaky)
+    _without_native(monkeypatch)
     fast, _, fast_stats = _run(monkeypatch, "on", torch.bfloat16, "stochastic", "lowrank")
     assert all(torch.equal(eager[n], fast[n]) for n in eager)
     assert fast_stats[-1].changed_fraction == eager_stats[-1].changed_fraction
@@ -226,3 +261,46 @@ def test_a_run_trained_with_the_kernels_replays_and_resumes_without_them(
     capsys.readouterr()
     assert main(["replay", "--run", str(straight), "--iteration", "3", "--quiet"]) == 0
     assert "bit-identical" in capsys.readouterr().out
+
+
+@needs_compiler
+def test_the_c_kernel_builds_once_into_the_cache_and_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("ESFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", None)
+    lib, why = native.library()
+    assert lib is not None and why == ""
+    (built,) = (tmp_path / "kernels").glob("update-*.so")
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(native, "_loaded", None)  # a new process: the cached build is loaded, not rebuilt
+    assert native.library()[0] is not None
+    assert built.stat().st_mtime_ns == stamp and len(list((tmp_path / "kernels").iterdir())) == 1
+
+
+def test_without_a_c_compiler_stochastic_rounding_uses_inductor(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ESFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.stochastic_bf16() is None and native.library()[1] == "no C compiler (cc, gcc or clang)"
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_compiler", lambda: shutil.which("cc") or "cc")
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "--no-such-flag-esft"])
+    lib, why = native.library()
+    assert lib is None and why.startswith("the C kernel did not build: ") and "\n" not in why
+    own = fused.Fused()
+    o = torch.zeros(4 * fused.BLOCK, dtype=torch.bfloat16)
+    want = prec.stochastic_round(torch.full((o.numel(),), 1e-3), torch.bfloat16, 9, 0)
+    if shutil.which(os.environ.get("CXX", "g++")) is not None or os.environ.get("CI") == "true":
+        assert own.apply("stochastic", o, o, torch.full((o.numel(),), 1e-3), 9, 0) is not None
+        assert torch.equal(o.float(), want)
+        assert not getattr(own._kernels[("stochastic", torch.bfloat16, "cpu")], "native", False)
+    assert capsys.readouterr().err == ""  # inductor served: nothing to tell
+
+
+@needs_compiler
+def test_the_c_kernel_refuses_what_it_cannot_update():
+    kernel = native.stochastic_bf16()
+    key = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(torch.zeros(2, fused.BLOCK), torch.zeros(2, fused.BLOCK), key)  # float32 weights
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(torch.zeros(fused.BLOCK, 2, dtype=torch.bfloat16).T, torch.zeros(2, fused.BLOCK), key)

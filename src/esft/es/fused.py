@@ -18,6 +18,10 @@ of a (rows, BLOCK) view, then summed in float64: the same bits for any thread co
 split between threads), and closer to the exact sums than one float32 norm over a million values (the
 eager path's, which differs in the fifth digit).
 
+**Stochastic rounding on the CPU** runs the C kernel of native.py instead of inductor's (inductor has no
+vector form of the bit reinterpretation there, and its kernel was 3x slower); inductor's serves CUDA,
+and the CPU where no C compiler works.
+
 **When**: ``ESFT_FUSED_UPDATE`` = ``auto`` (default: for updates of at least ``MIN_NUMEL`` values,
 where compiling once pays within a few iterations), ``on`` or ``off``. The first use of each kernel
 compiles it and checks it against the eager path on a small case (odd sizes, a hash offset past 2**31);
@@ -34,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from esft.errors import ConfigError, first_line
+from esft.es import native
 from esft.es import precision as prec
 
 BLOCK = 128  # values per statistics row: hidden sizes are multiples of it, so chunks rarely have tails
@@ -153,9 +158,10 @@ class Fused:
         kernel = None if key is None else self._kernel(key)
         if kernel is None:
             return None
-        for t in args:
-            if t.ndim == 2 and t.shape[0] > 1:  # rows vary from call to call; BLOCK is compiled in
-                torch._dynamo.mark_dynamic(t, 0)
+        if not getattr(kernel, "native", False):
+            for t in args:
+                if t.ndim == 2 and t.shape[0] > 1:  # rows vary from call to call; BLOCK is compiled in
+                    torch._dynamo.mark_dynamic(t, 0)
         try:
             rows = kernel(*args)
         except Exception as e:  # noqa: BLE001 - a later (re)compile failed before the kernel wrote anything
@@ -200,6 +206,11 @@ class Fused:
 
     def _build(self, key: tuple) -> Callable | None:
         name, dtype, device = key
+        if name == "stochastic" and device == "cpu":
+            # inductor has no vector form of the bit reinterpretation on the CPU: a C kernel (native.py)
+            kernel = native.stochastic_bf16()
+            if kernel is not None and self_check(kernel, name, dtype, device) is None:
+                return kernel
         fn = {
             "stochastic": _stochastic_bf16,
             "nearest": _nearest,

@@ -1,0 +1,105 @@
+/* The CPU kernel of the ES update with stochastic rounding into bfloat16 (native.py loads it).
+
+   Per value: w = the stored bf16 weight as float32, x = w + intended (one float32 addition), then the
+   16 low bits of x's bit pattern get 16 random bits added and are dropped. The random bits are
+   precision.random_bits: Wellons' lowbias32 of (coordinate * 0x9E3779B9 + seed_lo) ^ seed_hi, in 32-bit
+   unsigned arithmetic, which gives the same bits as torch's int32 arithmetic with masked shifts. So the
+   weights equal the eager path's bit for bit; native.py checks that before the kernel is used.
+
+   Statistics, per row of BLOCK values: sum w*w, i*i, a*a, a*i, #(i != 0), #(a != 0) with a the applied
+   step (new - w), in float32 over LANES lane accumulators, the lanes summed in a fixed order. A row
+   is never split between threads, so the sums do not depend on the thread count.
+
+   Built with -ffp-contract=off (no fused multiply-add changes a sum) and without -ffast-math. */
+
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 128
+#define LANES 16
+
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float float_of(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+struct job {
+    uint16_t *weights; /* bf16 bit patterns, rows * BLOCK, updated in place */
+    const float *intended;
+    int64_t first, last; /* rows [first, last) */
+    int64_t rows;        /* all rows: the stride of sums */
+    uint32_t offset, seed_lo, seed_hi;
+    double *sums; /* (6, rows) */
+};
+
+static void *run_rows(void *arg) {
+    const struct job *j = arg;
+    for (int64_t r = j->first; r < j->last; r++) {
+        float acc[6][LANES];
+        memset(acc, 0, sizeof acc);
+        uint16_t *w16 = j->weights + r * BLOCK;
+        const float *in = j->intended + r * BLOCK;
+        const uint32_t base = j->offset + (uint32_t)(r * BLOCK);
+        for (int c0 = 0; c0 < BLOCK; c0 += LANES) {
+#pragma GCC ivdep
+            for (int k = 0; k < LANES; k++) {
+                const int c = c0 + k;
+                const float w = float_of((uint32_t)w16[c] << 16);
+                const float i = in[c];
+                const float x = w + i;
+                uint32_t h = (base + (uint32_t)c) * 0x9E3779B9u + j->seed_lo;
+                h ^= j->seed_hi;
+                h ^= h >> 16;
+                h *= 0x7FEB352Du;
+                h ^= h >> 15;
+                h *= 0x846CA68Bu;
+                h ^= h >> 16;
+                const uint32_t rounded = (bits_of(x) + (h & 0xFFFFu)) & 0xFFFF0000u;
+                const float a = float_of(rounded) - w;
+                w16[c] = (uint16_t)(rounded >> 16);
+                acc[0][k] += w * w;
+                acc[1][k] += i * i;
+                acc[2][k] += a * a;
+                acc[3][k] += a * i;
+                acc[4][k] += (i != 0.0f) ? 1.0f : 0.0f;
+                acc[5][k] += (a != 0.0f) ? 1.0f : 0.0f;
+            }
+        }
+        for (int s = 0; s < 6; s++) {
+            float t = 0.0f;
+            for (int k = 0; k < LANES; k++) t += acc[s][k];
+            j->sums[s * j->rows + r] = t;
+        }
+    }
+    return NULL;
+}
+
+/* Update rows * BLOCK bf16 weights in place, on up to `threads` threads (a thread that cannot be
+   started has its rows run by the caller). */
+void esft_stochastic_bf16(uint16_t *weights, const float *intended, int64_t rows, uint32_t offset,
+                          uint32_t seed_lo, uint32_t seed_hi, double *sums, int threads) {
+    enum { MAX_THREADS = 256, MIN_ROWS = 64 };
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > rows / MIN_ROWS) threads = (int)(rows / MIN_ROWS);
+    if (threads < 1) threads = 1;
+    struct job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = (struct job){weights, intended, rows * t / threads, rows * (t + 1) / threads,
+                               rows, offset, seed_lo, seed_hi, sums};
+        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_rows, &jobs[t]) == 0;
+        if (t > 0 && !started[t]) run_rows(&jobs[t]);
+    }
+    run_rows(&jobs[0]);
+    for (int t = 1; t < threads; t++)
+        if (started[t]) pthread_join(ids[t], NULL);
+}
