@@ -19,7 +19,7 @@ split between threads), and closer to the exact sums than one float32 norm over 
 eager path's, which differs in the fifth digit).
 
 **Stochastic rounding on the CPU** runs the C kernel of native.py instead of inductor's (inductor has no
-vector form of the bit reinterpretation there, and its kernel was 3x slower); inductor's serves CUDA,
+vector form of the bit reinterpretation there, and its kernel took twice as long); inductor's serves CUDA,
 and the CPU where no C compiler works.
 
 **When**: ``ESFT_FUSED_UPDATE`` = ``auto`` (default: for updates of at least ``MIN_NUMEL`` values,

@@ -2,10 +2,10 @@
 
 Why not inductor, as for the other kernels (fused.py): stochastic rounding works on the bit pattern of
 the float32 sum (``x.view(torch.int32)``), and inductor's CPU code generator has no vector form of that
-reinterpretation; it copies each vector through a scalar loop, twice per value. Its kernel took 1.36 ms
-per million values where the same arithmetic in plain C, vectorised by the compiler, takes 0.37 ms
-(2026-12-05, 2-core AMD EPYC with avx512_bf16; ``benchmarks/update_precision.py`` measures the whole
-update). On CUDA inductor's Triton kernel does the reinterpretation natively and is kept.
+reinterpretation; it copies each vector through a scalar loop, twice per value. Its kernel took
+1.31-1.56 ms per million values where the same arithmetic in plain C, vectorised by the compiler, takes
+0.76-0.77 ms (2026-12-05, 2-core AMD EPYC with avx512_bf16; ``benchmarks/update_kernels.py``). On CUDA
+inductor's Triton kernel does the reinterpretation natively and is kept.
 
 The source ships with the package and is compiled on first use with the system's C compiler (``$CC``,
 else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``, falling back to a generic build),
