@@ -86,7 +86,7 @@ static void *run_rows(void *arg) {
    started has its rows run by the caller). */
 void esft_stochastic_bf16(uint16_t *weights, const float *intended, int64_t rows, uint32_t offset,
                           uint32_t seed_lo, uint32_t seed_hi, double *sums, int threads) {
-    enum { MAX_THREADS = 256, MIN_ROWS = 64 };
+    enum { MAX_THREADS = 256, MIN_ROWS = 512 }; /* 64K values a thread: more work than starting it */
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > rows / MIN_ROWS) threads = (int)(rows / MIN_ROWS);
     if (threads < 1) threads = 1;
