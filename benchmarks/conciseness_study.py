@@ -27,6 +27,7 @@ a sitting) and run again with the same command:
     python benchmarks/conciseness_study.py --out X --stage sweep                        # stage 1 only
     python benchmarks/conciseness_study.py --out X --stage main --only es-s1e-3 grpo-b0  # some runs
     python benchmarks/conciseness_study.py --out X --stage analyse                      # tables so far
+    python benchmarks/conciseness_study.py --out X --stage main --grpo-lr 3e-6          # sweeps elsewhere
 
 Every command runs with the machine's default threads; wall times are in each run's metrics.jsonl.
 """
@@ -131,14 +132,19 @@ def chosen(out: Path, method: str) -> float | None:
 # -- stage 2: main runs ---------------------------------------------------------------------------
 
 
-def configs(out: Path) -> dict[str, tuple[str, dict]]:
-    """name -> (trainer, settings) of every main configuration the sweeps allow so far."""
+def configs(out: Path, grpo_lr: float | None = None) -> dict[str, tuple[str, dict]]:
+    """name -> (trainer, settings) of every main configuration the sweeps allow so far. ``grpo_lr``
+    stands in for the GRPO sweep's choice where that sweep is not on this disk (a study continued on
+    another machine: docs/experiments.md records the choice)."""
     sigmas = list(PAPER_SIGMAS)
     es_pick = chosen(out, "es")
     if es_pick is not None and not any(math.isclose(es_pick, s) for s in sigmas):
         sigmas.append(es_pick)
     found = {f"es-s{s:g}": ("es", {**ES, "sigma": s, "alpha": s / 2}) for s in sigmas}
     lr = chosen(out, "grpo")
+    if lr is not None and grpo_lr is not None and not math.isclose(lr, grpo_lr):
+        raise SystemExit(f"--grpo-lr {grpo_lr:g} differs from this study's GRPO sweep, which chose {lr:g}")
+    lr = lr if lr is not None else grpo_lr
     if lr is not None:
         found.update({f"grpo-b{b:g}": ("grpo", {**GRPO, "beta": b, "learning_rate": lr}) for b in BETAS})
     return found
@@ -297,6 +303,12 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--budget", type=int, default=6000, help="samples per main run")
     p.add_argument("--only", nargs="*", default=None, help="main configurations to run (default: all)")
+    p.add_argument(
+        "--grpo-lr",
+        type=float,
+        default=None,
+        help="GRPO's learning rate where the GRPO sweep is not in --out (its choice: 3e-6)",
+    )
     args = p.parse_args()
     out = Path(args.out)
     if args.stage in ("sweep", "all"):
@@ -304,14 +316,14 @@ def main() -> None:
             run_sweep(out, method)
         print({m: chosen(out, m) for m in SWEEPS})
     if args.stage in ("main", "all"):
-        todo = {n: c for n, c in configs(out).items() if args.only is None or n in args.only}
+        todo = {n: c for n, c in configs(out, args.grpo_lr).items() if args.only is None or n in args.only}
         for seed in args.seeds:  # seed 0 of every configuration first
             for name, (trainer, settings) in todo.items():
                 train(out, name, trainer, settings, seed, args.budget)
     if args.stage in ("analyse", "all"):
         sweeps_found = {m: sweep_table(out, m) for m in SWEEPS}
         per_run: dict[str, list[dict]] = {}
-        for name in configs(out):
+        for name in configs(out, args.grpo_lr):
             for seed in args.seeds:
                 run = out / "runs" / f"{name}-seed{seed}"
                 if finished(run, args.budget):
