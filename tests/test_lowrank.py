@@ -8,6 +8,7 @@ import torch
 from conftest import build_tiny_model
 from torch import nn
 
+from esft.engines import population
 from esft.engines.hf import HFEngine
 from esft.engines.population import PopulationHooks
 from esft.errors import ConfigError
@@ -76,8 +77,15 @@ def _logits(engine: HFEngine, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
         return engine.model(**enc).logits, enc["attention_mask"]
 
 
+# the hook's two forms: two matmuls over all members (a prefill, from MATMUL_ROWS rows per member) and
+# the per-member products (a decode step); each test's prompts give about 20 rows per member
+FORMS = {"matmul": 1, "per-member": 10**6}
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("tie", [False, True])
-def test_population_forward_equals_member_by_member(tmp_path, tie):
+def test_population_forward_equals_member_by_member(tmp_path, tie, form, monkeypatch):
+    monkeypatch.setattr(population, "MATMUL_ROWS", FORMS[form])
     engine = HFEngine(build_tiny_model(tmp_path / "m", tie=tie), dtype="float32", device="cpu")
     params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=2)
     assert any(n.endswith(".bias") for n in params.params)  # Qwen2 q/k/v biases are perturbed too
@@ -100,11 +108,15 @@ def test_population_forward_equals_member_by_member(tmp_path, tie):
     assert torch.equal(after, base)  # hooks removed, weights untouched
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
-def test_population_forward_equals_materialised_on_gemma_with_the_embedding_trained(tmp_path, arch):
+def test_population_forward_equals_materialised_on_gemma_with_the_embedding_trained(
+    tmp_path, arch, form, monkeypatch
+):
     """Gemma scales its embedding lookup by sqrt(hidden) inside the module: the members' noise rows
     must be scaled too, or batched members see noise 8x too small (hidden 64) and differ from the
     materialised perturbation that the update applies."""
+    monkeypatch.setattr(population, "MATMUL_ROWS", FORMS[form])
     model = build_tiny_model(tmp_path / "m", arch=arch, tie=True, hidden_size=64, intermediate_size=96)
     engine = HFEngine(model, dtype="float32", device="cpu")
     emb = engine.model.get_input_embeddings()

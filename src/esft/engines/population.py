@@ -29,6 +29,14 @@ from esft.es.lowrank import stacked_factors, stacked_vectors
 from esft.es.noise import Member, NoiseScheme
 from esft.es.params import ParamSet
 
+# Rows per member from which a linear layer's correction runs as two matmuls over all members (a
+# prefill) instead of element-wise kernels (a decode step): the two cost the same at about 8 rows in
+# bfloat16 and 16 in float32 (benchmarks/population_hooks.py --rows, 2-core Xeon with AMX).
+# Those matmuls compute every member's factors for every row, n*r/out_features of the layer's own
+# FLOPs each, so they serve populations of at most MATMUL_FACTORS factors (n members x rank r).
+MATMUL_ROWS = 16
+MATMUL_FACTORS = 64
+
 
 class PopulationHooks:
     """Context manager: while active, ``model``'s forward applies ``prepare()``-d members' noise."""
@@ -65,6 +73,7 @@ class PopulationHooks:
         self.noise: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
         self._fired: set[int] = set()  # indices into targets whose hook ran since prepare()
+        self._mask, self._mask_key = torch.empty(0), None
 
     @torch.no_grad()
     def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
@@ -122,13 +131,30 @@ class PopulationHooks:
             raise RuntimeError(f"batch of {t.shape[0]} rows is not a whole number of {self.n} members")
         return t.reshape(self.n, -1, t.shape[-1])
 
+    def _own(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(n, 1, n, 1): 1 where a row's member and a factor's member agree, else 0."""
+        key = (n, dtype, device)
+        if self._mask_key != key:
+            self._mask = torch.eye(n, dtype=dtype, device=device).view(n, 1, n, 1)
+            self._mask_key = key
+        return self._mask
+
     def _linear_hook(self, w: str | None, b: str | None):
         def hook(module, args, out):
             res = self._rows(out)  # (n, rows, out): a view of the layer's fresh output, updated in place
             if w is not None:
                 a_t, b_t = self.noise[w]  # (n, r, out), (n, r, in)
                 x = self._rows(args[0])  # (n, rows, in)
-                if a_t.shape[1] == 1:
+                if x.shape[1] >= MATMUL_ROWS and a_t.shape[0] * a_t.shape[1] <= MATMUL_FACTORS:
+                    # a prefill: one matmul of every row against every member's factors, the other
+                    # members' products zeroed, then one matmul that adds (x B_m) A_m^T into the output
+                    # in place: +7-31% on a layer's linears at 80 rows per member in bf16 against +35-48%
+                    # for the element-wise form (benchmarks/population_hooks.py, docs/benchmarks.md)
+                    n, r = a_t.shape[0], a_t.shape[1]
+                    coef = torch.mm(x.reshape(-1, x.shape[-1]), b_t.reshape(n * r, -1).T)
+                    coef.view(n, -1, n, r).mul_(self._own(n, coef.dtype, coef.device))
+                    res.view(-1, res.shape[-1]).addmm_(coef, a_t.reshape(n * r, -1))
+                elif a_t.shape[1] == 1:
                     # rank 1: x b is a row-wise dot product and (x b) a^T an outer product. Elementwise
                     # kernels beat two tiny batched matmuls on CPU, most of all in bf16 (no bmm fast path
                     # for inner dimension 1): +20% on a layer's linears instead of +34%
