@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,50 @@ def test_the_c_kernel_refuses_what_it_cannot_update():
         kernel(torch.zeros(2, fused.BLOCK), torch.zeros(2, fused.BLOCK), key)  # float32 weights
     with pytest.raises(ValueError, match="contiguous"):
         kernel(torch.zeros(fused.BLOCK, 2, dtype=torch.bfloat16).T, torch.zeros(2, fused.BLOCK), key)
+
+
+def _c_kernel_results(n_threads: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    kernel = native.stochastic_bf16()
+    gen = torch.Generator().manual_seed(3)
+    rows = 3000  # not a multiple of any thread count tried
+    base = (torch.randn(rows, fused.BLOCK, generator=gen) * 0.02).bfloat16()
+    intended = torch.randn(rows, fused.BLOCK, generator=gen) * 1e-5
+    key = fused._hash_key((1 << 31) - 7 * fused.BLOCK, 0xABCDEF_0123, "cpu")
+    out, threads = [], torch.get_num_threads()
+    try:
+        for t in n_threads:
+            torch.set_num_threads(t)
+            o = base.clone()
+            out.append((o, kernel(o, intended, key)))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@needs_compiler
+def test_the_c_kernel_runs_on_torchs_openmp_threads_where_the_compiler_has_openmp(monkeypatch, tmp_path):
+    """gcc on Linux builds with -fopenmp, and the library then uses the process's libgomp, torch's: two
+    OpenMP runtimes would each keep their threads (the kernel's beside torch's spinning ones)."""
+    monkeypatch.setenv("ESFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", None)
+    maps = Path("/proc/self/maps")
+    if "OpenMP" not in torch.__config__.parallel_info() or shutil.which("gcc") is None or not maps.exists():
+        pytest.skip("torch without OpenMP or no gcc: the POSIX-threads build serves")
+    assert native.threading() == "openmp"
+    mapped = {line.split()[-1] for line in maps.read_text().splitlines() if "gomp" in line}
+    assert len(mapped) == 1, mapped
+
+
+@needs_compiler
+def test_the_posix_threads_build_gives_the_openmp_builds_bits(monkeypatch, tmp_path):
+    """A compiler without OpenMP builds the kernel on POSIX threads: the same weights and row sums, for
+    any thread count."""
+    monkeypatch.setattr(native, "_loaded", None)
+    reference = _c_kernel_results((1, 2, 3))
+    monkeypatch.setenv("ESFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "OPENMP", ["--no-such-flag-esft"])
+    assert native.threading() == "pthreads"
+    for (o, sums), (o_ref, sums_ref) in zip(_c_kernel_results((1, 2, 3)), reference, strict=True):
+        assert torch.equal(o, o_ref) and torch.equal(sums, sums_ref)
+    assert torch.equal(reference[0][0], reference[2][0]) and torch.equal(reference[0][1], reference[2][1])

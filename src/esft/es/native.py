@@ -11,9 +11,13 @@ The source ships with the package and is compiled on first use with the system's
 else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``, falling back to a generic build),
 into ``<esft cache>/kernels/``, under a name keyed by the source, the compiler and the CPU's flags, so
 machines that share a home folder do not load each other's builds. The library is loaded with ctypes,
-which releases the GIL during the call; the kernel splits rows over ``torch.get_num_threads()`` POSIX
-threads. Where no compiler works, ``kernel()`` returns None with the reason and the update falls back to
-inductor, then to the eager path (fused.py).
+which releases the GIL during the call; the kernel splits rows over ``torch.get_num_threads()``
+threads: OpenMP's where the compiler has it, and the process's libgomp is then torch's, whose threads
+are still spinning from the low-rank product just before; else POSIX threads, which compete with those
+spinning threads for the cores (on a 2-core Xeon, 2026-12-05: 1.56-1.64 ms per million values with
+POSIX threads, 0.83 with OpenMP's; the update of 630M values 1.95 s against 1.11). Where no compiler
+works, ``kernel()`` returns None with the reason and the update falls back to inductor, then to the
+eager path (fused.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 SOURCE = "native_update.c"
 FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 TUNED = ["-march=native"]
+OPENMP = ["-fopenmp"]  # rows on torch's own OpenMP threads (native_update.c); POSIX threads without it
 BLOCK = 128  # rows of the weights the kernel takes; the C source's BLOCK
 
 _loaded: tuple[ctypes.CDLL | None, str] | None = None
@@ -66,7 +71,7 @@ def _cache_folder() -> Path:
 def _build(source: str, cc: str) -> Path:
     """The shared library for ``source``, compiled once per (source, compiler, CPU) into the cache."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([source, version, _cpu_identity(), *FLAGS]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([source, version, _cpu_identity(), *FLAGS, *OPENMP]).encode()).hexdigest()
     folder = _cache_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,9 @@ def _build(source: str, cc: str) -> Path:
         src.write_text(source)
         out = Path(tmp) / target.name
         errors = ""
-        for extra in (TUNED, []):  # a compiler without -march=native builds a generic library
+        # a compiler without OpenMP (clang without libomp) builds the POSIX-threads variant; one
+        # without -march=native a generic library
+        for extra in ([*TUNED, *OPENMP], OPENMP, TUNED, []):
             done = subprocess.run(
                 [cc, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300
             )
@@ -107,10 +114,20 @@ def library() -> tuple[ctypes.CDLL | None, str]:
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32,
                                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int]  # fmt: skip
+                lib.esft_uses_openmp.restype = ctypes.c_int
                 _loaded = lib, ""
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _loaded = None, f"the C kernel did not build: {e}"
     return _loaded
+
+
+def threading() -> str | None:
+    """How the loaded kernel splits rows: "openmp" (on torch's OpenMP threads) or "pthreads"; None
+    where the library is unavailable."""
+    lib, _ = library()
+    if lib is None:
+        return None
+    return "openmp" if lib.esft_uses_openmp() else "pthreads"
 
 
 def stochastic_bf16() -> Callable | None:
