@@ -123,6 +123,7 @@ class ESWorkerExtension:
             "names": {k: list(v.shape) for k, v in self._esft_views.items()},
             "placement": self._esft_place,
             "replaced": replaced,
+            "recast": self._esft_recast,
             "gemm_layers": dispatched,
             "cpu_gemm": cpu_gemm,
             "unmapped": sorted(self._esft_unmapped),
@@ -185,6 +186,7 @@ class ESWorkerExtension:
             groups.setdefault((mod_name, attr), []).append((idx if idx is not None else 0, key))
         dtype = self.model_config.dtype
         replaced: list[str] = []
+        recast = self._esft_recast = []  # tensors vLLM converted to another dtype, cast back to dtype
         self._esft_views: dict[str, torch.Tensor] = {}
         self._esft_place: dict[str, dict[str, Any]] = {}
         for (mod_name, attr), members in groups.items():
@@ -201,6 +203,13 @@ class ESWorkerExtension:
                 replaced.append(f"{mod_name}.{attr}")
                 fill = True
             else:
+                if live.dtype != dtype and live.is_floating_point():
+                    # vLLM's small-GEMM kernel on AMX CPUs (sgl weight_packed_linear) keeps a bf16/fp16
+                    # layer's bias in float32; the GEMMs of step 3 take it in the model's dtype, as
+                    # the checkpoint and the HF engine hold it. Cast back: exact, it came from dtype
+                    setattr(module, attr, torch.nn.Parameter(live.data.to(dtype), requires_grad=False))
+                    live = getattr(module, attr)
+                    recast.append(f"{mod_name}.{attr}")
                 if tuple(live.shape[1:]) != tuple(tail) or live.shape[0] < rows:
                     raise ValueError(
                         f"{mod_name}.{attr}: vLLM shape {tuple(live.shape)} cannot hold checkpoint "
