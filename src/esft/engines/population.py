@@ -73,7 +73,7 @@ class PopulationHooks:
         self.noise: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
         self._fired: set[int] = set()  # indices into targets whose hook ran since prepare()
-        self._mask, self._mask_key = torch.empty(0), None
+        self._own = torch.empty(0)  # (n, 1, n, 1): 1 where a row's member and a factor's agree
 
     @torch.no_grad()
     def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
@@ -81,6 +81,8 @@ class PopulationHooks:
         self.n = len(members)
         self.noise = {}
         self._fired = set()
+        device = next((t.device for t in self.params.params.values()), torch.device("cpu"))
+        self._own = torch.eye(self.n, dtype=dtype, device=device).view(self.n, 1, self.n, 1)
         for name, t in self.params.params.items():
             if t.ndim == 2:
                 a, b = stacked_factors(t.shape, members, name, self.params.rank, t.device)
@@ -131,14 +133,6 @@ class PopulationHooks:
             raise RuntimeError(f"batch of {t.shape[0]} rows is not a whole number of {self.n} members")
         return t.reshape(self.n, -1, t.shape[-1])
 
-    def _own(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """(n, 1, n, 1): 1 where a row's member and a factor's member agree, else 0."""
-        key = (n, dtype, device)
-        if self._mask_key != key:
-            self._mask = torch.eye(n, dtype=dtype, device=device).view(n, 1, n, 1)
-            self._mask_key = key
-        return self._mask
-
     def _linear_hook(self, w: str | None, b: str | None):
         def hook(module, args, out):
             res = self._rows(out)  # (n, rows, out): a view of the layer's fresh output, updated in place
@@ -148,11 +142,11 @@ class PopulationHooks:
                 if x.shape[1] >= MATMUL_ROWS and a_t.shape[0] * a_t.shape[1] <= MATMUL_FACTORS:
                     # a prefill: one matmul of every row against every member's factors, the other
                     # members' products zeroed, then one matmul that adds (x B_m) A_m^T into the output
-                    # in place: +7-31% on a layer's linears at 80 rows per member in bf16 against +35-48%
+                    # in place: +7-31% on a layer's linears at 80 rows per member in bf16 against +35-70%
                     # for the element-wise form (benchmarks/population_hooks.py, docs/benchmarks.md)
                     n, r = a_t.shape[0], a_t.shape[1]
                     coef = torch.mm(x.reshape(-1, x.shape[-1]), b_t.reshape(n * r, -1).T)
-                    coef.view(n, -1, n, r).mul_(self._own(n, coef.dtype, coef.device))
+                    coef.view(n, -1, n, r).mul_(self._own)
                     res.view(-1, res.shape[-1]).addmm_(coef, a_t.reshape(n * r, -1))
                 elif a_t.shape[1] == 1:
                     # rank 1: x b is a row-wise dot product and (x b) a^T an outer product. Elementwise
