@@ -14,9 +14,9 @@ machines that share a home folder do not load each other's builds. The library i
 which releases the GIL during the call; the kernel splits rows over ``torch.get_num_threads()``
 threads: OpenMP's where the compiler has it, and the process's libgomp is then torch's, whose threads
 are still spinning from the low-rank product just before; else POSIX threads, which compete with those
-spinning threads for the cores (on a 2-core Xeon, 2026-12-05: 1.56-1.64 ms per million values with
-POSIX threads, 0.83 with OpenMP's; the update of 630M values 1.95 s against 1.11). Where no compiler
-works, ``kernel()`` returns None with the reason and the update falls back to inductor, then to the
+spinning threads for the cores (on a 2-core Xeon with amx_bf16 and avx512_bf16, 2026-12-05: 1.56-1.64
+ms per million values with POSIX threads, 0.83 with OpenMP's, ``benchmarks/update_kernels.py``; the
+update of 630M values 1.95 s against 1.11). Where no compiler works, ``kernel()`` returns None with the reason and the update falls back to inductor, then to the
 eager path (fused.py).
 """
 

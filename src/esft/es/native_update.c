@@ -103,22 +103,19 @@ void esft_stochastic_bf16(uint16_t *weights, const float *intended, int64_t rows
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > rows / MIN_ROWS) threads = (int)(rows / MIN_ROWS);
     if (threads < 1) threads = 1;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) {
-        const struct job job = {weights, intended, rows * t / threads, rows * (t + 1) / threads,
-                                rows, offset, seed_lo, seed_hi, sums};
-        run_rows((void *)&job);
-    }
-#else
     struct job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
+    for (int t = 0; t < threads; t++)
         jobs[t] = (struct job){weights, intended, rows * t / threads, rows * (t + 1) / threads,
                                rows, offset, seed_lo, seed_hi, sums};
-        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_rows, &jobs[t]) == 0;
-        if (t > 0 && !started[t]) run_rows(&jobs[t]);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) run_rows(&jobs[t]);
+#else
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 1; t < threads; t++) {
+        started[t] = pthread_create(&ids[t], NULL, run_rows, &jobs[t]) == 0;
+        if (!started[t]) run_rows(&jobs[t]);
     }
     run_rows(&jobs[0]);
     for (int t = 1; t < threads; t++)
