@@ -95,8 +95,8 @@ int esft_uses_openmp(void) {
 
    Built with -fopenmp the rows go to OpenMP threads: the process's libgomp.so.1 is torch's, so the
    kernel runs on the threads torch's own kernels just left, which spin for a while before they sleep
-   (starting POSIX threads beside them, as the fallback below does, made the whole update 1.5x slower on
-   2 cores). Without OpenMP a thread that cannot be started has its rows run by the caller. */
+   (starting POSIX threads beside them, as the fallback below does, made the whole update 1.7x slower
+   on 2 cores: benchmarks/update_breakdown.py). Without OpenMP a thread that cannot be started has its rows run by the caller. */
 void esft_stochastic_bf16(uint16_t *weights, const float *intended, int64_t rows, uint32_t offset,
                           uint32_t seed_lo, uint32_t seed_hi, double *sums, int threads) {
     enum { MAX_THREADS = 256, MIN_ROWS = 512 }; /* 64K values a thread: more work than starting it */
