@@ -60,6 +60,33 @@ def test_update_equals_naive_float64_sum():
         torch.testing.assert_close(ps.params[name].double(), expected, atol=1e-6, rtol=0)
 
 
+def test_factors_held_from_a_population_forward_give_the_same_update_and_are_dropped(monkeypatch):
+    """The hooks' prepare() hands its factors to the update (not drawn twice); the update is bit for bit
+    the one that draws its own, and holds nothing afterwards."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4)).to(torch.bfloat16)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    members = [Member(21), Member(22, -1), Member(23)]
+    rewards = [0.5, -1.0, 1.5]
+    fresh = ParamSet({n: t.clone() for n, t in weights.items()}, scheme="lowrank", precision="stochastic")
+    fresh.update(members, rewards, alpha=0.3)
+
+    params = ParamSet(dict(model.named_parameters()), scheme="lowrank", precision="stochastic")
+    with torch.no_grad(), PopulationHooks(model, params) as hooks:
+        hooks.prepare(members[:2], 0.01, torch.bfloat16)  # generated in two batches
+        hooks.prepare(members[2:], 0.01, torch.bfloat16)
+    held = params._held["0.weight"]
+    assert set(held) == {21, 22, 23} and set(params._held) == {"0.weight", "2.weight"}
+    drawn = []
+    monkeypatch.setattr("esft.es.params.factors", lambda *a, **k: drawn.append(a) or factors(*a, **k))
+    params.update(members, rewards, alpha=0.3)
+    assert drawn == [] and params._held == {}  # every factor came from the forward's draws
+    for name, t in params.params.items():
+        assert torch.equal(t, fresh.params[name])
+    params.update(members, rewards, alpha=0.3)  # nothing held: drawn afresh
+    assert len(drawn) == 2 * len(members)
+
+
 def test_perturb_restore_is_bit_exact_with_lowrank():
     torch.manual_seed(1)
     t = torch.randn(8, 8).bfloat16()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from esft.errors import ConfigError
-from esft.es.lowrank import stacked_factors, stacked_vectors
+from esft.es.lowrank import stacked_vectors
 from esft.es.noise import Member, NoiseScheme
 from esft.es.params import ParamSet
 
@@ -77,7 +77,8 @@ class PopulationHooks:
 
     @torch.no_grad()
     def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
-        """Draw the factors of ``members`` (sigma folded into A) for the next generate call."""
+        """Draw the factors of ``members`` (sigma folded into A) for the next generate call; the
+        ParamSet holds the drawn factors for its next update."""
         self.n = len(members)
         self.noise = {}
         self._fired = set()
@@ -85,7 +86,10 @@ class PopulationHooks:
         self._own = torch.eye(self.n, dtype=dtype, device=device).view(self.n, 1, self.n, 1)
         for name, t in self.params.params.items():
             if t.ndim == 2:
-                a, b = stacked_factors(t.shape, members, name, self.params.rank, t.device)
+                # held by the ParamSet for the update that follows, which would draw them again
+                pairs = [self.params.member_factors(name, m.seed, hold=True) for m in members]
+                a = torch.stack([p[0] * m.sign for p, m in zip(pairs, members, strict=True)])
+                b = torch.stack([p[1] for p in pairs])
                 # (n, r, out) and (n, r, in): rows of A^T and B^T, the layout both hook paths read
                 a_t = (a * sigma).transpose(1, 2).to(dtype).contiguous()
                 self.noise[name] = (a_t, b.transpose(1, 2).to(dtype).contiguous())

@@ -64,16 +64,6 @@ def vector_noise(
     return out.normal_(generator=_generator(seed, name, device))
 
 
-def stacked_factors(
-    shape: Sequence[int], members: Sequence[Member], name: str, rank: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of shapes (n, out, r) and (n, in, r) for ``members``, A carrying each member's sign."""
-    pairs = [factors(shape, m.seed, name, rank, device) for m in members]
-    a = torch.stack([p[0] * m.sign for p, m in zip(pairs, members, strict=True)])
-    b = torch.stack([p[1] for p in pairs])
-    return a, b
-
-
 def stacked_vectors(
     numel: int, members: Sequence[Member], name: str, device: torch.device | str
 ) -> torch.Tensor:

@@ -135,6 +135,9 @@ class ParamSet:
                 n: t.detach().float() if t.dtype != torch.float32 else t for n, t in self.params.items()
             }
         self._buffers: dict[tuple, torch.Tensor] = {}
+        # low-rank factors drawn for a population forward (engines/population.py), held until the next
+        # update() uses and drops them: the same values a fresh draw gives, drawn once per iteration
+        self._held: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.perturbed: Member | None = None
         self._sigma = 0.0
 
@@ -146,6 +149,18 @@ class ParamSet:
     def fused(self) -> bool:
         """Whether updates run through the compiled kernels (fused.py; ESFT_FUSED_UPDATE, the size)."""
         return FUSED.enabled(self.numel)
+
+    def member_factors(self, name: str, seed: int, hold: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member ``seed``'s float32 factors (A / sqrt(r), B) of matrix ``name`` (``lowrank.factors``).
+        With ``hold`` they are kept for the next ``update()``, which would otherwise draw them again
+        (callers must not modify them in place)."""
+        pair = self._held.get(name, {}).get(seed)
+        if pair is None:
+            t = self.params[name]
+            pair = factors(t.shape, seed, name, self.rank, t.device)
+            if hold:
+                self._held.setdefault(name, {})[seed] = pair
+        return pair
 
     def _eps(self, name: str, member: Member):
         """(start, values) slices of the flattened float32 noise of ``name`` under ``member``."""
@@ -240,8 +255,10 @@ class ParamSet:
                     rows, intended = self._apply_fused(live, old, rows, intended, stream, step)
                 if intended.numel():
                     self._apply(live, old, rows, intended, stream, step)
+            self._held.pop(name, None)
             if on_tensor is not None:
                 on_tensor()
+        self._held.clear()
         return UpdateStats(
             update_norm=math.sqrt(step.sq_applied),
             param_norm=math.sqrt(step.sq_old),
@@ -257,7 +274,7 @@ class ParamSet:
         """(slice of the flattened tensor, float32 intended step there) in chunks of about CHUNK values."""
         if self.scheme == NoiseScheme.LOWRANK and old.ndim == 2:
             # sum_n w_n A_n B_n^T as one product of the concatenated factors, a block of rows at a time
-            pairs = [(factors(old.shape, m.seed, name, self.rank, old.device), w * m.sign) for m, w in active]
+            pairs = [(self.member_factors(name, m.seed), w * m.sign) for m, w in active]
             a = torch.cat([ab[0] * (c * scale) for ab, c in pairs], dim=1)
             b_t = torch.cat([ab[1] for ab, _ in pairs], dim=1).T.contiguous()
             cols = old.shape[1]
