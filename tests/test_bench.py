@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 from esft.bench import format_table, run_bench
 from esft.cli import main
 from esft.engines import HFEngine
+from esft.engines.base import Sampling, completion
 from esft.errors import ConfigError
 from esft.tasks import load_task
 
@@ -58,6 +59,38 @@ def test_fixed_length_gives_every_mode_identical_token_work(tiny_model):
     engine = HFEngine(tiny_model)
     rows = run_bench(engine, load_task("conciseness"), 3, 2, 5, ["table", "lowrank"], fixed_length=True)
     assert [r.tokens for r in rows] == [3 * 2 * 5] * 3
+
+
+def test_fixed_length_holds_eos_exactly_as_transformers_min_new_tokens(tiny_model):
+    """The engine bans EOS in place (hf.HoldEOS) instead of through transformers' min_new_tokens, which
+    rewrites the whole vocabulary's scores every step: the same tokens, greedy and sampled."""
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu")
+    texts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)", "abc"]
+    free = engine._generate_texts(texts, 8, True)
+    # "EOS" := the 6th token row 0 generates freely: the hold (6 tokens before any EOS) must ban it there
+    likes = free[0].token_ids[5]
+    assert likes not in free[0].token_ids[:5]
+    engine.eos_ids = {likes}
+    engine.min_new_tokens = 6
+    enc = engine.tokenizer(texts, return_tensors="pt", padding=True)
+    for sampling in (None, Sampling(samples=2, temperature=1.0, seed=3)):
+        if sampling is not None:
+            torch.manual_seed(sampling.seed)
+        ours = engine._generate_texts(texts, 8, True, sampling)
+        if sampling is not None:
+            torch.manual_seed(sampling.seed)
+        kwargs = {"do_sample": False} if sampling is None else {"do_sample": True, "num_return_sequences": 2}
+        ref = engine.model.generate(
+            **enc, **kwargs, max_new_tokens=8, min_new_tokens=6, pad_token_id=engine.pad_id,
+            eos_token_id=[likes], top_k=None, top_p=None, temperature=None if sampling is None else 1.0,
+        )  # fmt: skip
+        ref_rows = [
+            completion(engine.tokenizer, {likes}, row) for row in ref[:, enc["input_ids"].shape[1] :].tolist()
+        ]
+        assert [g.token_ids for g in ours] == [g.token_ids for g in ref_rows]
+        assert all(g.num_tokens >= 7 for g in ours)  # 6 tokens, then EOS at the earliest
+    engine.min_new_tokens = 0
+    assert engine._generate_texts(texts, 8, True)[0].num_tokens == 6  # without the hold: EOS as 6th token
 
 
 def test_repeats_interleave_rounds_and_take_medians(tiny_model, monkeypatch):

@@ -24,6 +24,22 @@ from esft.es.noise import Member
 from esft.es.params import ParamSet
 
 
+class HoldEOS:
+    """A logits processor that bans the EOS tokens until ``min_new`` tokens follow the prompt (``--fixed-
+    length``): what transformers' ``min_new_tokens`` does, with the same scores, but in place on the EOS
+    columns. Transformers' processor copies and rewrites the whole (batch x vocab) scores at every step
+    (a clone, an ``isin`` over the vocabulary and a ``where``): 1.0 s of a 3.9 s generation of 60 rows x
+    16 tokens with the embedded model's 151936-token vocabulary (2-core Xeon, bf16)."""
+
+    def __init__(self, prompt_len: int, min_new: int, eos_ids: list[int]) -> None:
+        self.prompt_len, self.min_new, self.eos_ids = prompt_len, min_new, eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] - self.prompt_len < self.min_new:
+            scores[:, self.eos_ids] = -float("inf")
+        return scores
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,11 +215,14 @@ class HFEngine:
                 "num_return_sequences": sampling.samples,
                 **self._no_truncation,
             }
+        hold = min(self.min_new_tokens, max_new_tokens)
         seqs = self.model.generate(
             **enc,
             **decoding,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min(self.min_new_tokens, max_new_tokens) or None,
+            logits_processor=[HoldEOS(prompt_len, hold, sorted(self.eos_ids))]
+            if hold and self.eos_ids
+            else None,
             top_k=None,
             repetition_penalty=None,
             num_beams=1,
