@@ -36,24 +36,23 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     engine = HFEngine(embedded_model_path(), dtype=args.dtype, device="cpu")
-    model, tok = engine.model, engine.tokenizer
     params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank")
-    enc = tok(PROMPTS[: args.prompts] * args.members, return_tensors="pt", padding=True)
+    texts = PROMPTS[: args.prompts] * args.members
     members = iteration_members(0, 1, args.members)
-    print(f"{args.dtype}, {args.members} members x {args.prompts} prompts ({enc['input_ids'].shape[1]} "
-          f"tokens), {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")  # fmt: skip
+    tokens = engine.tokenizer(texts, padding=True)["input_ids"]
+    print(f"{args.dtype}, {args.members} members x {args.prompts} prompts ({len(tokens[0])} tokens), "
+          f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")  # fmt: skip
 
-    @torch.inference_mode()
     def generate(n: int) -> float:
+        """The engine's own batched greedy generation, every row exactly n tokens (--fixed-length)."""
+        engine.min_new_tokens = n
         tic = time.perf_counter()
-        model.generate(
-            **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
-        )
+        engine._generate_texts(texts, n, raw=True)
         return time.perf_counter() - tic
 
     tables = {}
     for label in ("floor", "hooks"):
-        hooks = PopulationHooks(model, params) if label == "hooks" else None
+        hooks = PopulationHooks(engine.model, params) if label == "hooks" else None
         if hooks is not None:
             hooks.__enter__()
             hooks.prepare(members, 1e-3, engine.dtype)
