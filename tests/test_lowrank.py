@@ -3,6 +3,9 @@ member-by-member perturbation of the weights."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import build_tiny_model
@@ -12,7 +15,7 @@ from esft.engines import population
 from esft.engines.hf import HFEngine
 from esft.engines.population import PopulationHooks
 from esft.errors import ConfigError
-from esft.es import Member, ParamSet
+from esft.es import Member, ParamSet, native
 from esft.es.lowrank import factors, lowrank_trainable
 from esft.es.noise import stream_seed
 
@@ -247,3 +250,61 @@ def test_a_perturbation_hook_that_never_runs_is_an_error():
         model.lin(torch.ones(2, 3))
         model.other(torch.ones(2, 3))
         hooks.check_fired()  # both ran
+
+
+needs_cc = pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None and os.environ.get("CI") != "true",
+    reason="no C compiler: the population hooks use torch's addcmul_",
+)
+
+
+@needs_cc
+@pytest.mark.parametrize("cols", [5, 4096, 4100, 9000])  # under, at and over the kernel's 4096-value spans
+def test_the_c_outer_add_is_torchs_addcmul_bit_for_bit_at_any_thread_count(cols):
+    kernel = native.outer_add_bf16()
+    assert kernel is not None  # gcc with OpenMP, as on CI
+    gen = torch.Generator().manual_seed(cols)
+    out = torch.randn(3, 2, cols, generator=gen).bfloat16()
+    coef = torch.randn(3, 2, 1, generator=gen).bfloat16()
+    a = (torch.randn(3, 1, cols, generator=gen) * 1e-2).bfloat16()
+    want = out.clone().addcmul_(coef, a)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got = out.clone()
+            kernel(got, coef, a)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_without_openmp_the_hooks_keep_torchs_addcmul(monkeypatch):
+    monkeypatch.setattr(native, "_outer", None)
+    monkeypatch.setattr(native, "threading", lambda: "pthreads")
+    assert native.outer_add_bf16() is None
+
+
+@needs_cc
+def test_bf16_decode_corrections_through_the_c_kernel_give_torchs_logits(tmp_path, monkeypatch):
+    """The rank-1 decode correction (rows per member below MATMUL_ROWS) through native.outer_add_bf16:
+    the population's bf16 logits equal those of torch's addcmul_, bit for bit, and the kernel ran."""
+    monkeypatch.setattr(population, "MATMUL_ROWS", 10**6)  # every forward takes the element-wise form
+    monkeypatch.setattr(population, "OUTER_MIN_COLS", 1)  # and the C kernel, whatever the tiny widths
+    engine = HFEngine(build_tiny_model(tmp_path / "m"), dtype="bfloat16", device="cpu")
+    params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=1)
+    prompts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]
+    members = [Member(11), Member(12, -1), Member(13)]
+    calls = []
+    kernel = native.outer_add_bf16()
+    assert kernel is not None
+    monkeypatch.setattr(native, "outer_add_bf16", lambda: lambda *a: calls.append(1) or kernel(*a))
+    logits = {}
+    for form in ("c", "torch"):
+        with PopulationHooks(engine.model, params) as hooks:
+            if form == "torch":
+                hooks._outer = None
+            hooks.prepare(members, 0.05, torch.bfloat16)
+            logits[form], _ = _logits(engine, prompts * len(members))
+    assert calls  # the C kernel served the first pass
+    assert torch.equal(logits["c"], logits["torch"])

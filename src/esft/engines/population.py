@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from esft.errors import ConfigError
+from esft.es import native
 from esft.es.lowrank import stacked_vectors
 from esft.es.noise import Member, NoiseScheme
 from esft.es.params import ParamSet
@@ -36,6 +37,11 @@ from esft.es.params import ParamSet
 # FLOPs each, so they serve populations of at most MATMUL_FACTORS factors (n members x rank r).
 MATMUL_ROWS = 16
 MATMUL_FACTORS = 64
+# Output widths from which a bf16 decode step's outer product runs through the C kernel (native.py)
+# instead of torch's addcmul_: it gains where the output is wide (gate/up +29% -> +26% of the layer, the
+# lm_head +15-72% -> +6%) and loses to its call's fixed cost on narrow ones (down, k/v;
+# benchmarks/population_hooks.py [--cold]).
+OUTER_MIN_COLS = 4096
 
 
 class PopulationHooks:
@@ -74,6 +80,10 @@ class PopulationHooks:
         self._handles: list = []
         self._fired: set[int] = set()  # indices into targets whose hook ran since prepare()
         self._own = torch.empty(0)  # (n, 1, n, 1): 1 where a row's member and a factor's agree
+        # the C kernel for the rank-1 decode correction in bf16 on the CPU, where it builds and agrees
+        # with torch (OUTER_MIN_COLS)
+        on_cpu = all(t.device.type == "cpu" for t in params.params.values())
+        self._outer = native.outer_add_bf16() if on_cpu else None
 
     @torch.no_grad()
     def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
@@ -157,7 +167,16 @@ class PopulationHooks:
                     # kernels beat two tiny batched matmuls on CPU, most of all in bf16 (no bmm fast path
                     # for inner dimension 1): +20% on a layer's linears instead of +34%
                     # (benchmarks/population_hooks.py, docs/benchmarks.md)
-                    res.addcmul_((x * b_t).sum(-1, keepdim=True), a_t)
+                    coef = (x * b_t).sum(-1, keepdim=True)
+                    if (
+                        self._outer is not None
+                        and res.dtype == a_t.dtype == torch.bfloat16
+                        and res.is_contiguous()
+                        and res.shape[-1] >= OUTER_MIN_COLS
+                    ):
+                        self._outer(res, coef, a_t)  # the same bits, its cold operands prefetched (native.py)
+                    else:
+                        res.addcmul_(coef, a_t)
                 else:
                     res.add_(torch.bmm(torch.bmm(x, b_t.transpose(1, 2)), a_t))
             if b is not None:

@@ -117,6 +117,10 @@ def library() -> tuple[ctypes.CDLL | None, str]:
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32,
                                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int]  # fmt: skip
                 lib.esft_uses_openmp.restype = ctypes.c_int
+                fn = lib.esft_outer_add_bf16
+                fn.restype = None
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int]  # fmt: skip
                 _loaded = lib, ""
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _loaded = None, f"the C kernel did not build: {e}"
@@ -157,3 +161,40 @@ def stochastic_bf16() -> Callable | None:
 
     kernel.native = True  # fused.py: not a torch.compile'd function (no dynamic-shape marks)
     return kernel
+
+
+_outer: tuple[Callable | None] | None = None
+
+
+def outer_add_bf16() -> Callable | None:
+    """The population hooks' rank-1 decode correction (``engines/population.py``):
+    ``kernel(out, coef, a)`` does ``out.addcmul_(coef, a)`` in place, bit for bit, for contiguous CPU
+    bf16 ``out`` (n, rows, cols), ``coef`` (n, rows, 1) and ``a`` (n, 1, cols) (NaNs as NaNs, their bits
+    aside), prefetching the cold
+    operands. None where the library is unavailable, has no OpenMP (the hooks would run it on one thread:
+    torch's kernel is faster there) or disagrees with torch on a test case; checked once per process."""
+    global _outer
+    if _outer is None:
+        _outer = (None,)
+        if threading() == "openmp":
+            fn = library()[0].esft_outer_add_bf16
+
+            def kernel(out: torch.Tensor, coef: torch.Tensor, a: torch.Tensor) -> None:
+                n, rows, cols = out.shape
+                c = coef.float().contiguous()
+                fn(out.data_ptr(), c.data_ptr(), a.data_ptr(), n, rows, cols, torch.get_num_threads())
+
+            gen = torch.Generator().manual_seed(0)
+            out = torch.randn(3, 2, 4100, generator=gen).bfloat16()  # spans and a ragged tail
+            out.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40])
+            coef = torch.randn(3, 2, 1, generator=gen).bfloat16()
+            a = (torch.randn(3, 1, 4100, generator=gen) * 1e-2).bfloat16()
+            got = out.clone()
+            kernel(got, coef, a)
+            want = out.addcmul_(coef, a)
+            nan = want.isnan()  # a NaN's sign and payload differ between torch's own scalar and vector paths
+            if torch.equal(got.isnan(), nan) and torch.equal(
+                got[~nan].view(torch.int16), want[~nan].view(torch.int16)
+            ):
+                _outer = (kernel,)
+    return _outer[0]
