@@ -94,9 +94,10 @@ static void *run_rows(void *arg) {
    in float32. Each value is rounded to the nearest bf16 (ties to even) from the float32 sum
    out + coef * a, which is what torch's addcmul_ computes on the same operands, bit for bit
    (native.py checks that before the kernel is used). The operands are cold (each decode step streams
-   the model's weights through the caches), so the output and a are prefetched: 2.1x torch's addcmul_
-   on a gate/up projection's output and 1.7x on the lm_head's (population_hooks.py, 2-core Xeon). On
-   OpenMP threads where the build has them (native.py uses it only then), else on the calling thread. */
+   the model's weights through the caches), so the output and a are prefetched: the lm_head's correction
+   costs +6% of its GEMM against +15-72% with torch's addcmul_ (benchmarks/population_hooks.py [--cold],
+   2-core Xeon with AMX). On OpenMP threads where the build has them (native.py uses it only then), else
+   on the calling thread. */
 
 static inline float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
 
