@@ -6,6 +6,7 @@ from esft.bench import format_table, run_bench
 from esft.cli import main
 from esft.engines import HFEngine
 from esft.engines.base import Sampling, completion
+from esft.engines.hf import hold_eos_in_generate
 from esft.errors import ConfigError
 from esft.tasks import load_task
 
@@ -91,6 +92,35 @@ def test_fixed_length_holds_eos_exactly_as_transformers_min_new_tokens(tiny_mode
         assert all(g.num_tokens >= 7 for g in ours)  # 6 tokens, then EOS at the earliest
     engine.min_new_tokens = 0
     assert engine._generate_texts(texts, 8, True)[0].num_tokens == 6  # without the hold: EOS as 6th token
+
+
+def test_hold_eos_in_generate_gives_what_min_new_tokens_gives(tiny_model):
+    """TRL calls generate itself: the wrapped generate holds EOS the same way, greedy and sampled, with
+    the call's own generation config (TRL's)."""
+    from transformers import GenerationConfig
+
+    engine = HFEngine(tiny_model, dtype="float32", device="cpu")
+    model = engine.model
+    enc = engine.tokenizer(["Solve: 3 + 5", "abc"], return_tensors="pt", padding=True)
+    new = slice(enc["input_ids"].shape[1], None)
+    base = {"max_new_tokens": 8, "top_k": None, "top_p": None, "pad_token_id": engine.pad_id}
+    greedy = {**base, "do_sample": False, "temperature": None}
+    free = model.generate(**enc, generation_config=GenerationConfig(**greedy, eos_token_id=engine.pad_id))
+    likes = int(free[0, new][5])  # as EOS: row 0 would stop at its 6th token without the hold
+    assert likes not in free[0, new][:5].tolist()
+    sampled = {**base, "do_sample": True, "temperature": 1.0, "num_return_sequences": 3}
+    want = {}
+    for name, cfg in (("greedy", greedy), ("sampled", sampled)):
+        torch.manual_seed(5)
+        want[name] = model.generate(
+            **enc, generation_config=GenerationConfig(**cfg, eos_token_id=likes, min_new_tokens=6)
+        )
+    hold_eos_in_generate(model, 6)
+    for name, cfg in (("greedy", greedy), ("sampled", sampled)):
+        torch.manual_seed(5)
+        got = model.generate(**enc, generation_config=GenerationConfig(**cfg, eos_token_id=likes))
+        assert torch.equal(got, want[name])
+        assert (got[:, new][:, :6] != likes).all()
 
 
 def test_repeats_interleave_rounds_and_take_medians(tiny_model, monkeypatch):

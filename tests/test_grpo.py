@@ -86,6 +86,15 @@ def test_budget_samples_stops_es_and_grpo_at_the_same_count(tiny_model, tmp_path
     assert e[-1]["tokens"] > 0
 
 
+def test_fixed_length_makes_every_sampled_completion_full_length(tiny_model, tmp_path):
+    """--fixed-length holds EOS back in TRL's sampling too (engines/hf.py, hold_eos_in_generate)."""
+    assert grpo(tiny_model, tmp_path / "g", "--iterations", "2", "--fixed-length", "--eval-every", "2") == 0
+    rows = read_jsonl(tmp_path / "g" / "metrics.jsonl")
+    assert [m["train/completion_tokens"] for m in rows] == [8, 8]
+    assert [m["train/truncated_fraction"] for m in rows] == [1, 1]
+    assert read_jsonl(tmp_path / "g" / "eval.jsonl")[-1]["completion_tokens"] == 8  # greedy evaluation too
+
+
 def test_frozen_parameters_stay_fixed(tiny_model, tmp_path):
     out = tmp_path / "frozen"
     assert (

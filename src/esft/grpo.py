@@ -40,7 +40,7 @@ from esft import environment, model_card, runs
 from esft.callbacks import Callback, RunInfo
 from esft.config import GRPORunConfig
 from esft.dtypes import choose
-from esft.engines.hf import HFEngine, resolve_device
+from esft.engines.hf import HFEngine, hold_eos_in_generate, resolve_device
 from esft.errors import ConfigError
 from esft.evaluate import periodic_eval
 from esft.resources import peak_memory, reset_peak
@@ -297,6 +297,8 @@ class GRPORun:
         reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
         if cfg.fixed_length:
             engine.min_new_tokens = self.max_new_tokens  # greedy evaluation too
+            # TRL's sampling: EOS held in place, not through min_new_tokens (engines/hf.py, HoldEOS)
+            hold_eos_in_generate(engine.model, self.max_new_tokens)
         n_trainable = freeze_parameters(engine.model, cfg.freeze)
         n_prompts, per_step, micro = step_layout(cfg, len(task.train))
         steps = planned_steps(cfg, per_step)
@@ -377,7 +379,6 @@ class GRPORun:
             steps_per_generation=per_step // micro,
             max_completion_length=self.max_new_tokens,
             temperature=cfg.temperature,
-            generation_kwargs={"min_new_tokens": self.max_new_tokens} if cfg.fixed_length else None,
             reward_weights=rewards.weights,
             gradient_checkpointing=cfg.gradient_checkpointing,
             use_cpu=not cuda,

@@ -40,6 +40,24 @@ class HoldEOS:
         return scores
 
 
+def hold_eos_in_generate(model, min_new: int) -> None:
+    """Make ``model.generate`` hold EOS back for ``min_new`` new tokens through ``HoldEOS``, for code that
+    calls ``generate`` itself (TRL's GRPOTrainer): the same tokens as ``min_new_tokens``, which the caller
+    must then not set. The EOS tokens are those of the call's generation config (what generate stops on)."""
+    plain = model.generate
+
+    def generate(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        eos = (kwargs.get("generation_config") or model.generation_config).eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if eos and ids is not None:
+            hold = HoldEOS(ids.shape[-1], min_new, sorted(eos))
+            kwargs["logits_processor"] = [*(kwargs.get("logits_processor") or []), hold]
+        return plain(*args, **kwargs)
+
+    model.generate = generate
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
