@@ -1,4 +1,6 @@
-"""A small C kernel for the CPU update with stochastic rounding into bfloat16 (``native_update.c``).
+"""Small C kernels for the CPU (``native_update.c``): the update with stochastic rounding into bfloat16
+(``stochastic_bf16``), and the population hooks' rank-1 decode correction into bf16 outputs
+(``outer_add_bf16``, torch's ``addcmul_`` bit for bit with its cold operands prefetched).
 
 Why not inductor, as for the other kernels (fused.py): stochastic rounding works on the bit pattern of
 the float32 sum (``x.view(torch.int32)``), and inductor's CPU code generator has no vector form of that
