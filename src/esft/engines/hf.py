@@ -29,7 +29,9 @@ class HoldEOS:
     length``): what transformers' ``min_new_tokens`` does, with the same scores, but in place on the EOS
     columns. Transformers' processor copies and rewrites the whole (batch x vocab) scores at every step
     (a clone, an ``isin`` over the vocabulary and a ``where``): 1.0 s of a 3.9 s generation of 60 rows x
-    16 tokens with the embedded model's 151936-token vocabulary (2-core Xeon, bf16)."""
+    16 tokens with the embedded model's 151936-token vocabulary (2-core Xeon, bf16). The scores are
+    changed in place: a caller that asks generate for its raw logits (``output_logits``) would see the
+    ban in them; esft's and TRL's calls ask for sequences only."""
 
     def __init__(self, prompt_len: int, min_new: int, eos_ids: list[int]) -> None:
         self.prompt_len, self.min_new, self.eos_ids = prompt_len, min_new, eos_ids
