@@ -35,10 +35,13 @@ class HoldEOS:
 
     def __init__(self, prompt_len: int, min_new: int, eos_ids: list[int]) -> None:
         self.prompt_len, self.min_new, self.eos_ids = prompt_len, min_new, eos_ids
+        self._index: torch.Tensor | None = None  # eos_ids on the scores' device, made once
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.prompt_len < self.min_new:
-            scores[:, self.eos_ids] = -float("inf")
+            if self._index is None or self._index.device != scores.device:
+                self._index = torch.tensor(self.eos_ids, dtype=torch.long, device=scores.device)
+            scores.index_fill_(1, self._index, -float("inf"))
         return scores
 
 
