@@ -11,7 +11,8 @@ need not be installed; it runs from src/):
    float32 and cast once, the low-rank population hooks equal materialised perturbations (logits and
    greedy text), the bf16 remedies for lost steps (stochastic rounding is unbiased and seeded on the
    device, float32 masters follow the float32 run exactly), the fused update (es/fused.py: inductor's
-   Triton kernels on CUDA) builds and writes the eager update's bits in every precision mode, and a
+   Triton kernels on CUDA) builds and writes the eager update's bits in every precision mode,
+   ``--fixed-length``'s in-place EOS hold gives the tokens of transformers' ``min_new_tokens``, and a
    tiny bf16 ES run resumes and replays bit for bit with each remedy and noise scheme. They run as
    ``pytest -m cuda tests/test_cuda.py`` in a subprocess when pytest is importable, else as the same
    functions in this process.

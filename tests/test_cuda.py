@@ -1,7 +1,7 @@
 """Checks that need a CUDA GPU (marker ``cuda``; they skip without one): seeded noise is deterministic
 on the device for every scheme, perturb/restore is bit-exact in every dtype, the update is summed in
-float32 and cast once, the low-rank population hooks equal materialised perturbations, and a tiny ES
-run resumes and replays bit for bit.
+float32 and cast once, the low-rank population hooks equal materialised perturbations, --fixed-length's
+EOS hold gives transformers' tokens, and a tiny ES run resumes and replays bit for bit.
 
 Each check is a plain function of (device, temporary folder) in ``CHECKS``, so
 ``benchmarks/gpu_check.py`` runs them with pytest (``pytest -m cuda tests/test_cuda.py``) or, where pytest
@@ -309,6 +309,27 @@ def check_lowrank_generate(device: str, tmp: Path) -> None:
     assert [[g.text for g in gens] for gens in small] == [[g.text for g in gens] for gens in groups[:2]]
 
 
+def check_fixed_length_hold(device: str, tmp: Path) -> None:
+    """--fixed-length on the device: the engine's in-place EOS ban (engines/hf.py, HoldEOS) gives the
+    tokens of transformers' min_new_tokens, greedy, with the 6th freely generated token as EOS."""
+    from transformers import GenerationConfig
+
+    from esft.engines.hf import HFEngine
+
+    engine = HFEngine(build_tiny_model(tmp / "m"), dtype="float32", device=device)
+    texts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]
+    likes = engine._generate_texts(texts, 8, True)[0].token_ids[5]
+    engine.eos_ids, engine.min_new_tokens = {likes}, 6
+    ours = [g.token_ids for g in engine._generate_texts(texts, 8, True)]
+    enc = {k: v.to(device) for k, v in engine.tokenizer(texts, return_tensors="pt", padding=True).items()}
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=8, min_new_tokens=6, eos_token_id=likes,
+                           pad_token_id=engine.pad_id, temperature=None, top_p=None, top_k=None)  # fmt: skip
+    ref = engine.model.generate(**enc, generation_config=cfg)[:, enc["input_ids"].shape[1] :].tolist()
+    ref = [tuple(row[: row.index(likes) + 1] if likes in row else row) for row in ref]
+    assert ours == ref, (ours, ref)
+    assert all(likes not in row[:6] for row in ours)
+
+
 # -- a whole run ----------------------------------------------------------------------------------
 
 
@@ -376,6 +397,7 @@ CHECKS: dict[str, Check] = {
     "lowrank_forward-float32-tied": functools.partial(check_lowrank_forward, "float32", True),
     "lowrank_forward-bfloat16": functools.partial(check_lowrank_forward, "bfloat16", False),
     "lowrank_generate-float32": check_lowrank_generate,
+    "fixed_length_hold": check_fixed_length_hold,
     **{
         f"stochastic_rounding_unbiased-{d}": functools.partial(check_stochastic_rounding_unbiased, d)
         for d in ("bfloat16", "float16")
