@@ -88,6 +88,10 @@ def test_factors_held_from_a_population_forward_give_the_same_update_and_are_dro
         assert torch.equal(t, fresh.params[name])
     params.update(members, rewards, alpha=0.3)  # nothing held: drawn afresh
     assert len(drawn) == 2 * len(members)
+    with torch.no_grad(), PopulationHooks(model, params) as hooks:
+        hooks.prepare(members, 0.01, torch.bfloat16)
+    with PopulationHooks(model, params):  # a new population forward: no update came, nothing piles up
+        assert params._held == {}
 
 
 def test_perturb_restore_is_bit_exact_with_lowrank():

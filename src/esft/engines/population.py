@@ -107,6 +107,7 @@ class PopulationHooks:
                 self.noise[name] = (stacked_vectors(t.numel(), members, name, t.device) * sigma).to(dtype)
 
     def __enter__(self) -> PopulationHooks:
+        self.params.drop_held()
         for i, (module, kind, w, b) in enumerate(self.targets):
             hook = (
                 self._linear_hook(w, b)

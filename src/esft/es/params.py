@@ -162,6 +162,11 @@ class ParamSet:
                 self._held.setdefault(name, {})[seed] = pair
         return pair
 
+    def drop_held(self) -> None:
+        """Forget the held factors (a new population is about to be drawn): what is held is at most one
+        population's, even where an update never follows a population forward."""
+        self._held.clear()
+
     def _eps(self, name: str, member: Member):
         """(start, values) slices of the flattened float32 noise of ``name`` under ``member``."""
         if self.scheme == NoiseScheme.LOWRANK:

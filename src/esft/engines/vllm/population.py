@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from esft.es.lowrank import factors, vector_noise
+from esft.es.lowrank import vector_noise
 from esft.es.params import ParamSet
 
 
@@ -84,6 +84,7 @@ class LoRAPopulation:
         if self.punica is None:
             raise ValueError("this model has no LoRA layers: vLLM cannot batch its members")
         self.drop()
+        params.drop_held()
         trained = params.params
         matrices = {n: t for n, t in trained.items() if n in self.lora_layers and t.ndim == 2}
         biases = {n: t for n, t in trained.items() if n in self.lora_layers and t.ndim == 1}
@@ -103,8 +104,9 @@ class LoRAPopulation:
         for k, (seed, sign) in enumerate(members):
             scale = float(sigma) * int(sign)
             tensors: dict[str, torch.Tensor] = {}
-            for name, t in matrices.items():
-                a, b = factors(t.shape, int(seed), name, params.rank, t.device)  # the update's draws
+            for name in matrices:
+                # the update's draws, held by the worker's ParamSet for its next update
+                a, b = params.member_factors(name, int(seed), hold=True)
                 module = f"base_model.model.{name.removesuffix('.weight')}"
                 tensors[f"{module}.lora_A.weight"] = b.t().contiguous().cpu()
                 tensors[f"{module}.lora_B.weight"] = a.mul(scale).cpu()
@@ -131,8 +133,8 @@ class LoRAPopulation:
                 full[lo:hi] = vector_noise(t.numel(), int(seed), name, t.device).mul_(scale)
             self._bias[lora.id] = bias
             self._tokens[lora.id] = {}
-            for name, t in tokens.items():
-                a, b = factors(t.shape, int(seed), name, params.rank, t.device)
+            for name in tokens:
+                a, b = params.member_factors(name, int(seed), hold=True)
                 self._tokens[lora.id][name] = (a.mul(scale), b)
         self._hook(biases, tokens)
         return list(self.ids)
