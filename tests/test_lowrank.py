@@ -262,11 +262,18 @@ needs_cc = pytest.mark.skipif(
 )
 
 
+def _outer_kernel():
+    kernel = native.outer_add_bf16()
+    if kernel is None and os.environ.get("CI") != "true":  # CI's gcc has OpenMP: there it must build
+        pytest.skip(f"no OpenMP build of the C kernels here ({native.threading() or native.library()[1]})")
+    assert kernel is not None
+    return kernel
+
+
 @needs_cc
 @pytest.mark.parametrize("cols", [5, 4096, 4100, 9000])  # under, at and over the kernel's 4096-value spans
 def test_the_c_outer_add_is_torchs_addcmul_bit_for_bit_at_any_thread_count(cols):
-    kernel = native.outer_add_bf16()
-    assert kernel is not None  # gcc with OpenMP, as on CI
+    kernel = _outer_kernel()
     gen = torch.Generator().manual_seed(cols)
     out = torch.randn(3, 2, cols, generator=gen).bfloat16()
     coef = torch.randn(3, 2, 1, generator=gen).bfloat16()
@@ -300,8 +307,7 @@ def test_bf16_decode_corrections_through_the_c_kernel_give_torchs_logits(tmp_pat
     prompts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]
     members = [Member(11), Member(12, -1), Member(13)]
     calls = []
-    kernel = native.outer_add_bf16()
-    assert kernel is not None
+    kernel = _outer_kernel()
     monkeypatch.setattr(native, "outer_add_bf16", lambda: lambda *a: calls.append(1) or kernel(*a))
     logits = {}
     for form in ("c", "torch"):
