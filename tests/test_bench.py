@@ -53,6 +53,7 @@ def test_bench_cli(tiny_model, capsys):
     )
     out = capsys.readouterr().out
     assert "floor (batched)" in out and "ES, table noise" in out and "lowrank r=1" in out
+    assert "machine=" in out and " threads" in out  # every speed figure names its machine
     assert load_file(str(tiny_model / "model.safetensors"))  # the model folder is untouched
 
 

@@ -386,6 +386,7 @@ def test_environment_is_recorded_and_a_change_refuses_resume_and_replay(tiny_mod
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["engine"] == "hf"
     assert env["torch"] == torch.__version__ and env["model_fingerprint"].startswith("sha256:")
     assert env["transformers"]
+    assert env["cpu"].endswith("]")  # the CPU's model and speed flags (conftest empties the flags: "none of")
     for field, value, command in [
         ("torch", "0.0.1", ["train", "--output", str(out), "--iterations", "2", "--resume", "--quiet"]),
         ("device", "cuda", ["replay", "--run", str(out), "--iteration", "1", "--quiet"]),

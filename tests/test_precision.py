@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_params
 
-from esft.dtypes import choose
+from esft.dtypes import choose, cpu_summary
 from esft.es import ParamSet, iteration_members
 from esft.es.precision import StepStats, random_bits, resolve, rounding_seed, stochastic_round
 
@@ -152,6 +152,13 @@ def test_dtype_auto_follows_cpu_flags_and_cuda_capability(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         dtype, reason = choose("auto", "cuda")
         assert dtype == want and f"{capability[0]}.{capability[1]}" in reason
+
+
+def test_cpu_summary_names_the_model_and_the_speed_flags(monkeypatch):
+    monkeypatch.setenv("ESFT_CPU_FLAGS", "fpu avx2 amx_bf16 avx512f sse")
+    assert cpu_summary().endswith(" [avx512f amx_bf16]")
+    monkeypatch.setenv("ESFT_CPU_FLAGS", "fpu avx2")
+    assert cpu_summary().endswith(" [none of avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile]")
 
 
 # -- whole runs -------------------------------------------------------------------------------------

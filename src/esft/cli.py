@@ -341,6 +341,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1
 
 
+def machine(engine) -> str:
+    """What a speed figure was measured on: the GPU's name, or the CPU's model, flags and threads."""
+    import torch
+
+    from esft.dtypes import cpu_summary
+
+    device = str(engine.device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_summary()}, {torch.get_num_threads()} threads"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from esft.bench import format_table, run_bench
     from esft.engines import build_engine
@@ -385,6 +397,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "engine": args.engine,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "update": args.update_precision + (" (fused)" if FUSED.built() else ""),
+        "machine": machine(engine),
     }
     reason = engine.dtype_reason
     if reason:

@@ -18,6 +18,7 @@ in bf16 with float32 masters or stochastic rounding (``es/precision.py``).
 from __future__ import annotations
 
 import os
+import platform
 from functools import lru_cache
 
 import torch
@@ -53,6 +54,29 @@ def cpu_flags() -> frozenset[str]:
     if forced is not None:
         return frozenset(forced.split())
     return _proc_cpu_flags()
+
+
+# the flags that decide a CPU's speed in ES's arithmetic, named beside every speed figure
+SPEED_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+@lru_cache(maxsize=1)
+def _proc_cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_summary() -> str:
+    """The CPU's model and its speed-relevant flags, for benchmark headers and environment.json:
+    "Intel(R) Xeon(R) Processor [avx512f avx512_bf16 amx_bf16]"."""
+    flags = [f for f in SPEED_FLAGS if f in cpu_flags()]
+    return f"{_proc_cpu_model()} [{' '.join(flags) or 'none of ' + ' '.join(SPEED_FLAGS)}]"
 
 
 def choose(dtype: str, device: str) -> tuple[torch.dtype, str]:

@@ -104,6 +104,8 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
         return engine.describe_environment(engine_name, model_path)
     import torch
 
+    from esft.dtypes import cpu_summary
+
     device = engine.device
     gpu = None
     if _device_kind(device) == "cuda" and torch.cuda.is_available():
@@ -121,6 +123,7 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
         "vllm": _version("vllm") if engine_name == "vllm" else None,
         "gpu": gpu,
         "model_fingerprint": model_fingerprint(model_path),
+        "cpu": cpu_summary(),  # the model and its bf16/AMX flags: which machine kind the timings are from
         # torch's threads run the HF engine's forward; vLLM's worker binds its own (VLLM_CPU_OMP_THREADS_BIND)
         "cpu_threads": torch.get_num_threads()
         if _device_kind(device) == "cpu" and engine_name == "hf"
