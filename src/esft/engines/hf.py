@@ -55,7 +55,8 @@ def hold_eos_in_generate(model, min_new: int) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         eos = (kwargs.get("generation_config") or model.generation_config).eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if eos and ids is not None:
+        held = any(isinstance(p, HoldEOS) for p in kwargs.get("logits_processor") or [])  # the engine's own
+        if eos and ids is not None and not held:
             hold = HoldEOS(ids.shape[-1], min_new, sorted(eos))
             kwargs["logits_processor"] = [*(kwargs.get("logits_processor") or []), hold]
         return plain(*args, **kwargs)
