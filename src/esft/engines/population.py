@@ -82,8 +82,10 @@ class PopulationHooks:
         self._own = torch.empty(0)  # (n, 1, n, 1): 1 where a row's member and a factor's agree
         # the C kernel for the rank-1 decode correction in bf16 on the CPU, where it builds and agrees
         # with torch (OUTER_MIN_COLS)
-        on_cpu = all(t.device.type == "cpu" for t in params.params.values())
-        self._outer = native.outer_add_bf16() if on_cpu else None
+        bf16_cpu = all(t.device.type == "cpu" for t in params.params.values()) and any(
+            t.dtype == torch.bfloat16 for t in params.params.values()
+        )
+        self._outer = native.outer_add_bf16() if bf16_cpu else None
 
     @torch.no_grad()
     def prepare(self, members: Sequence[Member], sigma: float, dtype: torch.dtype) -> None:
