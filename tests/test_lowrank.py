@@ -278,6 +278,7 @@ def test_the_c_outer_add_is_torchs_addcmul_bit_for_bit_at_any_thread_count(cols)
     out = torch.randn(3, 2, cols, generator=gen).bfloat16()
     coef = torch.randn(3, 2, 1, generator=gen).bfloat16()
     a = (torch.randn(3, 1, cols, generator=gen) * 1e-2).bfloat16()
+    out[0, 0, :4], coef[0, 0], a[0, 0, :4] = 3e-39, 1e-20, 1e-19  # sums below bf16's normal range
     want = out.clone().addcmul_(coef, a)
     threads = torch.get_num_threads()
     try:
