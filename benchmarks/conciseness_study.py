@@ -23,6 +23,14 @@ a sitting) and run again with the same command:
    contains its reference answer (the check the length reward lacks), mean and standard deviation over
    seeds, the reward-KL Pareto front over configurations, and ``esft report`` over runs and sweeps.
 
+Each main run is analysed as soon as it finishes (while its checkpoint is on disk) and its analysis is
+written to ``--records`` (``benchmarks/results/conciseness-study/<run>.<cpu>.json``, small files meant
+to be committed): with the CPU it ran on (from its environment.json), its held-out reward at every
+evaluation and its held-out answers. The analysis stage reads these records beside the run folders, so
+a study whose machine was lost between sittings keeps every finished run, and a run repeated on
+another CPU (whose bf16 kernels round differently, so the same seed follows another path) stands
+beside the first as its own row.
+
     python benchmarks/conciseness_study.py --out experiments/conciseness-study          # everything
     python benchmarks/conciseness_study.py --out X --stage sweep                        # stage 1 only
     python benchmarks/conciseness_study.py --out X --stage main --only es-s1e-3 grpo-b0  # some runs
@@ -71,6 +79,7 @@ TIE = 1.0  # characters: trials this close to the best objective count as tied
 PAPER_SIGMAS = (5e-4, 1e-3, 1.5e-3)
 BETAS = (0.0, 0.0167)
 OBJECTIVE = "eval/train/reward"
+RECORDS = Path(__file__).parent / "results" / "conciseness-study"
 
 
 def esft(*args: str) -> int:
@@ -177,6 +186,34 @@ def train(out: Path, name: str, trainer: str, settings: dict, seed: int, budget:
     return run
 
 
+def cpu_tag(cpu: str) -> str:
+    """A file-name tag for a CPU description from environment.json: "amx" or "avx512_bf16" (the bf16
+    kernels that decide the rounding) followed by the vendor, "other" without either."""
+    flags = "" if "[none of" in cpu else cpu.rsplit("[", 1)[-1]
+    kind = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "other"
+    vendor = "amd" if "AMD" in cpu else "intel" if "Intel" in cpu else "cpu"
+    return f"{kind}-{vendor}"
+
+
+def record(run: Path, records: Path) -> Path:
+    """Analyse a finished run and write its record (see the module's docstring)."""
+    env = json.loads((run / "environment.json").read_text()) if (run / "environment.json").is_file() else {}
+    cpu = env.get("cpu", "unknown")
+    found = {**analyse_run(run), "name": run.name, "cpu": cpu, "torch": env.get("torch")}
+    found["heldout_by_eval"] = {str(e.get("iteration", e.get("step"))): e["reward"]
+                                for e in jsonl(run / "eval.jsonl") if e.get("split") == "test"}  # fmt: skip
+    path = records / f"{run.name}.{cpu_tag(cpu)}.json"
+    records.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(found, indent=1, default=str) + "\n")
+    print(f"recorded {path}", flush=True)
+    return path
+
+
+def recorded(records: Path) -> list[dict]:
+    """Every record in ``records`` (see :func:`record`), sorted by run name and CPU."""
+    return [json.loads(f.read_text()) for f in sorted(records.glob("*.json"))] if records.is_dir() else []
+
+
 # -- stage 3: analysis ----------------------------------------------------------------------------
 
 
@@ -238,6 +275,19 @@ def fmt(pair: tuple[float, float], digits: int = 4) -> str:
     if math.isnan(m):
         return "-"
     return f"{m:.{digits}g}" + ("" if math.isnan(s) else f" ± {s:.2g}")
+
+
+def runs_table(per_run: dict[str, list[dict]]) -> None:
+    """One row per recorded run: its CPU beside its held-out reward, KL and answers."""
+    print("\n| run | CPU | held-out reward (normalised) | held-out at each evaluation | KL (k3/token) | "
+          "answers containing the reference | train reward | train s | peak MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for runs in per_run.values():
+        for r in runs:
+            by_eval = " / ".join(f"{v:g}" for v in r.get("heldout_by_eval", {}).values())
+            print(f"| {r['name']} | {r['cpu']} | {r['heldout']:g} ({r['heldout_normalised']:.4g}) | {by_eval} | "
+                  f"{r['kl']:.3g} | {r['answers_kept']:.3g} | {r['train_reward']:g} | {r['train_seconds']:.0f} | "
+                  f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
 
 
 def summarise(out: Path, per_run: dict[str, list[dict]], sweeps: dict[str, list[dict]]) -> None:
@@ -304,6 +354,11 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=6000, help="samples per main run")
     p.add_argument("--only", nargs="*", default=None, help="main configurations to run (default: all)")
     p.add_argument(
+        "--records",
+        default=str(RECORDS),
+        help="where each finished main run's analysis is kept (default: %(default)s)",
+    )
+    p.add_argument(
         "--grpo-lr",
         type=float,
         default=None,
@@ -311,6 +366,7 @@ def main() -> None:
     )
     args = p.parse_args()
     out = Path(args.out)
+    records = Path(args.records)
     if args.stage in ("sweep", "all"):
         for method in SWEEPS:
             run_sweep(out, method)
@@ -319,15 +375,22 @@ def main() -> None:
         todo = {n: c for n, c in configs(out, args.grpo_lr).items() if args.only is None or n in args.only}
         for seed in args.seeds:  # seed 0 of every configuration first
             for name, (trainer, settings) in todo.items():
-                train(out, name, trainer, settings, seed, args.budget)
+                record(train(out, name, trainer, settings, seed, args.budget), records)  # KL is cached
     if args.stage in ("analyse", "all"):
         sweeps_found = {m: sweep_table(out, m) for m in SWEEPS}
         per_run: dict[str, list[dict]] = {}
-        for name in configs(out, args.grpo_lr):
+        names = list(configs(out, args.grpo_lr))
+        for name in names:
             for seed in args.seeds:
                 run = out / "runs" / f"{name}-seed{seed}"
                 if finished(run, args.budget):
-                    per_run.setdefault(name, []).append(analyse_run(run))
+                    record(run, records)
+        for r in recorded(records):
+            config, _, seed = r["name"].rpartition("-seed")
+            if int(seed) in args.seeds and r["samples"] >= args.budget:
+                per_run.setdefault(config, []).append(r)
+        per_run = {n: per_run[n] for n in [*names, *sorted(set(per_run) - set(names))] if n in per_run}
+        runs_table(per_run)
         summarise(out, per_run, sweeps_found)
         done = sorted({str(out / "runs" / f"{n}-seed{s}") for n in per_run for s in args.seeds
                        if finished(out / "runs" / f"{n}-seed{s}", args.budget)})  # fmt: skip

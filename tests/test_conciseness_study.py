@@ -1,0 +1,97 @@
+"""benchmarks/conciseness_study.py's records: a finished run's analysis kept apart from its folder, so a
+study continued on another machine keeps every finished run, with the CPU each ran on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esft.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "conciseness_study", ROOT / "benchmarks" / "conciseness_study.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_cpu_tag(study):
+    assert study.cpu_tag("AMD EPYC [avx512f avx512_bf16]") == "avx512_bf16-amd"
+    assert study.cpu_tag("Intel(R) Xeon(R) Processor [avx512f avx512_bf16 amx_bf16]") == "amx-intel"
+    assert study.cpu_tag("Intel(R) Core(TM) [none of avx512f avx512_bf16 amx_bf16]") == "other-intel"
+    assert study.cpu_tag("unknown") == "other-cpu"
+
+
+def fake_run(root: Path, name: str, cpu: str, final: list[str], reward: float) -> Path:
+    """A finished run folder as the trainers leave it: what the analysis reads, KL already computed."""
+    run = root / "runs" / name
+    (run / "analysis").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"task": "conciseness", "task_options": {"prompt_format": "chat"}})
+    )
+    (run / "environment.json").write_text(json.dumps({"cpu": cpu, "torch": "2.13.0"}))
+    metrics = [{"iteration": i, "samples": 60 * (i + 1), "perf/seconds": 10.0, "perf/peak_rss_mb": 2000.0 + i}
+               for i in range(100)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    n = len(load_task("conciseness", prompt_format="chat").split("test"))
+    evals = [
+        {"iteration": 0, "split": "test", "reward": -36.5, "examples": [{"completion": "x"}] * n},
+        {"iteration": 0, "split": "train", "reward": -71.5},
+        {"iteration": 100, "split": "test", "reward": reward, "examples": [{"completion": c} for c in final]},
+        {"iteration": 100, "split": "train", "reward": -14.0},
+    ]
+    (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (run / "analysis" / "kl-test.json").write_text(
+        json.dumps({"tasks": {"conciseness": {"per_token_k3": 0.05}}})
+    )
+    return run
+
+
+def test_record_and_read_back(study, tmp_path):
+    rows = load_task("conciseness", prompt_format="chat").split("test")
+    right = [f"It is {r['answer']}." for r in rows]
+    wrong = ["no idea"] * len(rows)
+    epyc = fake_run(tmp_path / "a", "es-s0.001-seed1", "AMD EPYC [avx512f avx512_bf16]", right, -20.0)
+    xeon = fake_run(tmp_path / "b", "es-s0.001-seed1", "Intel Xeon [avx512_bf16 amx_bf16]", wrong, -30.0)
+    records = tmp_path / "records"
+    study.record(epyc, records)
+    study.record(xeon, records)
+    # the same run on two CPUs: two records, each with its own CPU and numbers
+    assert sorted(p.name for p in records.iterdir()) == [
+        "es-s0.001-seed1.amx-intel.json",
+        "es-s0.001-seed1.avx512_bf16-amd.json",
+    ]
+    found = {r["cpu"]: r for r in study.recorded(records)}
+    a, b = found["AMD EPYC [avx512f avx512_bf16]"], found["Intel Xeon [avx512_bf16 amx_bf16]"]
+    assert (a["heldout"], b["heldout"]) == (-20.0, -30.0)
+    assert math.isclose(a["heldout_normalised"], 1 - 20 / 2000)
+    assert (a["answers_kept"], b["answers_kept"]) == (1.0, 0.0)
+    assert a["heldout_by_eval"] == {"0": -36.5, "100": -20.0}
+    assert (
+        a["kl"] == 0.05
+        and a["samples"] == 6000
+        and a["train_seconds"] == 1000.0
+        and a["peak_rss_mb"] == 2099.0
+    )
+    # the run folder may go: the analysis reads the records alone
+    for run in (epyc, xeon):
+        for f in sorted(run.rglob("*"), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+    assert len(study.recorded(records)) == 2
