@@ -154,3 +154,45 @@ def test_repeats_interleave_rounds_and_take_medians(tiny_model, monkeypatch):
     assert "range" in table and "1.50-1.50" in table and "medians of 3 rounds" in table
     with pytest.raises(ConfigError, match="--repeats must be >= 1"):
         run_bench(HFEngine(tiny_model), load_task("conciseness"), 2, 1, 2, ["lowrank"], repeats=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_loop_gives_transformers_tokens(tiny_model, dtype, monkeypatch):
+    """The engine's greedy loop (engines/greedy.py: no float32 copy of the logits) against transformers'
+    own loop (ESFT_GREEDY_LOOP=off): the same tokens with left padding, EOS stops (the tiny model's free
+    completions end early), the --fixed-length hold, several members' noise (population hooks) and
+    a processor that needs the float32 copy (a repetition penalty)."""
+    from esft.engines.greedy import greedy_kwargs
+    from esft.es import ParamSet, iteration_members
+    from esft.es.lowrank import lowrank_trainable
+
+    texts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)", "abc", "<think> reasoning"]
+
+    def run(engine):
+        got = [g.token_ids for g in engine._generate_texts(texts, 12, True)]
+        engine.min_new_tokens = 12
+        got += [g.token_ids for g in engine._generate_texts(texts, 12, True)]
+        engine.min_new_tokens = 0
+        params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank")
+        members = iteration_members(7, 0, 4)
+        got += [
+            g.token_ids for m in engine.generate_population(texts[:2], members, params, 0.05, 12) for g in m
+        ]
+        enc = engine.tokenizer(texts, return_tensors="pt", padding=True)
+        ours = engine.model.generate(**enc, do_sample=False, max_new_tokens=12, repetition_penalty=1.3,
+                                     pad_token_id=engine.pad_id, **engine._greedy)  # fmt: skip
+        return got, ours
+
+    fast = HFEngine(tiny_model, dtype=dtype, device="cpu")
+    assert fast._greedy == greedy_kwargs(fast.model) != {}  # this transformers runs the loop
+    monkeypatch.setenv("ESFT_GREEDY_LOOP", "off")
+    plain = HFEngine(tiny_model, dtype=dtype, device="cpu")
+    assert plain._greedy == {}
+    # "EOS" := row 0's 6th free token, so that row stops early while the others go on
+    likes = plain._generate_texts(texts, 12, True)[0].token_ids[5]
+    plain.eos_ids = fast.eos_ids = {likes}
+    (want, want_penalised), (got, got_penalised) = run(plain), run(fast)
+    assert got == want
+    assert torch.equal(got_penalised, want_penalised)
+    assert len(want[0]) == 6 and max(len(t) for t in want[:4]) == 12  # a stop at EOS, beside longer rows
+    assert len({tuple(t) for t in want[8:]}) > 1  # the members' noise changed some completions

@@ -11,6 +11,7 @@ eta cutoffs, top-h) are switched off too.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from esft.dtypes import choose
 from esft.engines.base import Generation, Prompt, Sampling, completion, render_prompt
+from esft.engines.greedy import greedy_kwargs
 from esft.errors import ConfigError, ModelError, first_line
 from esft.es.noise import Member
 from esft.es.params import ParamSet
@@ -129,6 +131,9 @@ class HFEngine:
             for k in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
             if hasattr(gen_cfg, k)
         }
+        # greedy decoding without transformers' float32 copy of each step's logits (greedy.py);
+        # ESFT_GREEDY_LOOP=off keeps transformers' own loop (benchmarks compare the two)
+        self._greedy = greedy_kwargs(self.model) if os.environ.get("ESFT_GREEDY_LOOP", "on") != "off" else {}
 
     # -- protocol ---------------------------------------------------------------------------------
 
@@ -230,7 +235,7 @@ class HFEngine:
         enc = {k: v.to(self.device) for k, v in enc.items()}
         prompt_len = enc["input_ids"].shape[1]
         if sampling is None:
-            decoding = {"do_sample": False, "temperature": None, "top_p": None}
+            decoding = {"do_sample": False, "temperature": None, "top_p": None, **self._greedy}
         else:
             decoding = {
                 "do_sample": True,
