@@ -5,17 +5,16 @@ to a fresh float32 tensor before its logits processors and its argmax. For greed
 copy is most of the step's work outside the model: (rows x vocabulary) values converted and written,
 60 x 151936 for a population of 30 members x 2 prompts on the embedded model, about 20 ms per step on a
 2-core EPYC (docs/benchmarks.md). Converting bf16 to float32 is exact and keeps the order of values, so
-the argmax of the logits themselves is the same token, ties included (both take the first maximum).
-The
-loop takes it as ``max(dim=-1).indices``, 5x faster than ``argmax`` on bf16 CPU tensors (8 against 40 ms
-here).
+the argmax of the logits themselves is the same token, ties included (both take the first maximum). The
+loop takes it as ``max(dim=-1).indices``, 5x faster than ``argmax`` on bf16 CPU tensors (8 against 40
+ms here).
 
 ``greedy_loop`` is that loop for greedy decoding, given to ``generate`` as ``custom_generate``: generate
 still prepares the inputs, the cache, the logits processors and the stopping criteria, and the loop
 calls the model's own input preparation and bookkeeping at every step, as ``_sample`` does. The logits
-are used as they are only where every logits processor is one that gives the same tokens on them
-(``HoldEOS``: it only bans EOS columns); with any other processor the loop takes the float32 copy as
-transformers does. ``greedy_kwargs`` says whether a model's transformers offers what the loop needs;
+are used as they are only where every logits processor declares that it gives the same tokens on them
+(``same_tokens_on_raw_logits``; ``HoldEOS`` only bans EOS columns); with any other processor the loop
+takes the float32 copy as transformers does. ``greedy_kwargs`` says whether a model's transformers offers what the loop needs;
 elsewhere the engine calls ``generate`` as it is (``tests/test_bench.py`` checks the tokens are
 transformers' own, with and without padding, EOS and ``--fixed-length``).
 """
@@ -29,9 +28,9 @@ import torch
 
 
 def _exact_on_raw_logits(processors) -> bool:
-    from esft.engines.hf import HoldEOS
-
-    return all(isinstance(p, HoldEOS) for p in processors)
+    """Whether every processor declares that it picks the same tokens on the model's own logits as on a
+    float32 copy (``same_tokens_on_raw_logits = True``, as ``hf.HoldEOS``)."""
+    return all(getattr(p, "same_tokens_on_raw_logits", False) for p in processors)
 
 
 def greedy_loop(

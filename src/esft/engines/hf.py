@@ -35,6 +35,8 @@ class HoldEOS:
     changed in place: a caller that asks generate for its raw logits (``output_logits``) would see the
     ban in them; esft's and TRL's calls ask for sequences only."""
 
+    same_tokens_on_raw_logits = True  # -inf on some columns in any dtype: greedy.py may skip its copy
+
     def __init__(self, prompt_len: int, min_new: int, eos_ids: list[int]) -> None:
         self.prompt_len, self.min_new, self.eos_ids = prompt_len, min_new, eos_ids
         self._index: torch.Tensor | None = None  # eos_ids on the scores' device, made once
