@@ -14,9 +14,9 @@ still prepares the inputs, the cache, the logits processors and the stopping cri
 calls the model's own input preparation and bookkeeping at every step, as ``_sample`` does. The logits
 are used as they are only where every logits processor declares that it gives the same tokens on them
 (``same_tokens_on_raw_logits``; ``HoldEOS`` only bans EOS columns); with any other processor the loop
-takes the float32 copy as transformers does. ``greedy_kwargs`` says whether a model's transformers offers what the loop needs;
-elsewhere the engine calls ``generate`` as it is (``tests/test_bench.py`` checks the tokens are
-transformers' own, with and without padding, EOS and ``--fixed-length``).
+takes the float32 copy as transformers does. ``greedy_kwargs`` says whether a model's transformers
+offers what the loop needs; elsewhere the engine calls ``generate`` as it is (``tests/test_bench.py``
+checks the tokens are transformers' own, with and without padding, EOS and ``--fixed-length``).
 """
 
 from __future__ import annotations
