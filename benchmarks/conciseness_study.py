@@ -200,8 +200,6 @@ def record(run: Path, records: Path) -> Path:
     env = json.loads((run / "environment.json").read_text()) if (run / "environment.json").is_file() else {}
     cpu = env.get("cpu", "unknown")
     found = {**analyse_run(run), "name": run.name, "cpu": cpu, "torch": env.get("torch")}
-    found["heldout_by_eval"] = {str(e.get("iteration", e.get("step"))): e["reward"]
-                                for e in jsonl(run / "eval.jsonl") if e.get("split") == "test"}  # fmt: skip
     path = records / f"{run.name}.{cpu_tag(cpu)}.json"
     records.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(found, indent=1, default=str) + "\n")
@@ -237,6 +235,7 @@ def analyse_run(run: Path) -> dict:
         "heldout_before": test[0]["reward"],
         "heldout": test[-1]["reward"],
         "heldout_normalised": normalised(test[-1]["reward"]),
+        "heldout_by_eval": {str(e["iteration"]): e["reward"] for e in test},
         "train_reward": train_[-1]["reward"] if train_ else math.nan,
         "answers_kept": answers_kept(run, test[-1]),
         "answers_kept_before": answers_kept(run, test[0]),
