@@ -6,7 +6,9 @@ On the embedded model, the conciseness task's 2 chat training prompts: a batch o
 rows generated freely, the same with every row held to ``--max-new-tokens`` (``--fixed-length``), and a
 population of ``--members`` low-rank members (sigma 1e-3). The two loops alternate, one round after the
 other; the script prints each loop's seconds per round and whether the tokens are the same (they must
-be: it exits 1 where they differ).
+be: it exits 1 where they differ). First it times one step's token choice alone on random logits of
+the batch's shape (rows x the model's vocabulary, in ``--dtype``): transformers' float32 copy and
+argmax, ``argmax`` on the logits themselves, and the loop's ``max(dim=-1).indices``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+import torch
 
 from esft.dtypes import cpu_summary
 from esft.engines.hf import HFEngine
@@ -52,6 +56,18 @@ def main() -> None:
 
     cases = {"free": lambda: batch(0), "fixed-length": lambda: batch(n), "population": population}
     print(f"{args.dtype}, {len(texts)} rows, {n} new tokens, {cpu_summary()}")
+    logits = torch.randn(len(texts), engine.model.config.vocab_size).to(engine.dtype)
+    choices = {
+        "float32 copy + argmax": lambda: torch.argmax(logits.to(copy=True, dtype=torch.float32), dim=-1),
+        "argmax": lambda: torch.argmax(logits, dim=-1),
+        "max(dim=-1).indices": lambda: logits.max(dim=-1).indices,
+    }
+    for name, choose in choices.items():
+        choose()
+        tic = time.perf_counter()
+        for _ in range(30):
+            choose()
+        print(f"one step's token choice, {name}: {(time.perf_counter() - tic) / 30 * 1e3:.1f} ms")
     same = True
     for case, run in cases.items():
         seconds: dict[str, list[float]] = {name: [] for name in loops}

@@ -3,11 +3,10 @@
 Transformers' decoding loop (``GenerationMixin._sample``) converts each step's last-position logits
 to a fresh float32 tensor before its logits processors and its argmax. For greedy decoding in bf16 that
 copy is most of the step's work outside the model: (rows x vocabulary) values converted and written,
-60 x 151936 for a population of 30 members x 2 prompts on the embedded model, about 20 ms per step on a
-2-core EPYC (docs/benchmarks.md). Converting bf16 to float32 is exact and keeps the order of values, so
-the argmax of the logits themselves is the same token, ties included (both take the first maximum). The
-loop takes it as ``max(dim=-1).indices``, 5x faster than ``argmax`` on bf16 CPU tensors (8 against 40
-ms here).
+60 x 151936 for a population of 30 members x 2 prompts on the embedded model. Converting bf16 to float32
+is exact and keeps the order of values, so the argmax of the logits themselves is the same token, ties
+included (both take the first maximum). The loop takes it as ``max(dim=-1).indices``, faster than
+``argmax`` on bf16 CPU tensors (``benchmarks/greedy_loop.py`` times the three; docs/benchmarks.md).
 
 ``greedy_loop`` is that loop for greedy decoding, given to ``generate`` as ``custom_generate``: generate
 still prepares the inputs, the cache, the logits processors and the stopping criteria, and the loop
@@ -55,7 +54,7 @@ def greedy_loop(
             outputs, model_kwargs, is_encoder_decoder=False
         )
         last = outputs.logits[:, -1]
-        if raw:  # max's indices: the first maximum, as argmax, which is 5x slower in bf16 on the CPU
+        if raw:  # max's indices: the first maximum, as argmax, which is slower in bf16 on the CPU
             scores = logits_processor(input_ids, last)
             next_tokens = scores.max(dim=-1).indices
         else:
