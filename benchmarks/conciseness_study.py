@@ -33,7 +33,7 @@ beside the first as its own row.
 
     python benchmarks/conciseness_study.py --out experiments/conciseness-study          # everything
     python benchmarks/conciseness_study.py --out X --stage sweep                        # stage 1 only
-    python benchmarks/conciseness_study.py --out X --stage main --only es-s1e-3 grpo-b0  # some runs
+    python benchmarks/conciseness_study.py --out X --stage main --only es-s0.001 grpo-b0 # some runs
     python benchmarks/conciseness_study.py --out X --stage analyse                      # tables so far
     python benchmarks/conciseness_study.py --out X --stage main --grpo-lr 3e-6          # sweeps elsewhere
 
@@ -296,15 +296,16 @@ def summarise(out: Path, per_run: dict[str, list[dict]], sweeps: dict[str, list[
                       for k in ("heldout", "heldout_normalised", "kl", "answers_kept", "train_reward",
                                 "train_seconds", "peak_rss_mb")}  # fmt: skip
         rows[name]["seeds"] = len(runs)
+        rows[name]["cpus"] = sorted({cpu_tag(r["cpu"]) for r in runs})
         rows[name]["samples"] = min(r["samples"] for r in runs)
     front = pareto(rows)
     print(
-        "\n| configuration | seeds | samples | held-out reward | normalised | KL (k3/token) | answers "
+        "\n| configuration | seeds | CPUs | samples | held-out reward | normalised | KL (k3/token) | answers "
         "containing the reference | train reward | train s | peak MB | Pareto |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['seeds']} | {r['samples']} | {fmt(r['heldout'])} | "
+        print(f"| {name} | {r['seeds']} | {', '.join(r['cpus'])} | {r['samples']} | {fmt(r['heldout'])} | "
               f"{fmt(r['heldout_normalised'])} | {fmt(r['kl'], 3)} | {fmt(r['answers_kept'], 3)} | "
               f"{fmt(r['train_reward'])} | {fmt(r['train_seconds'], 4)} | {fmt(r['peak_rss_mb'], 4)} | "
               f"{'yes' if name in front else ''} |")  # fmt: skip
@@ -371,7 +372,11 @@ def main() -> None:
             run_sweep(out, method)
         print({m: chosen(out, m) for m in SWEEPS})
     if args.stage in ("main", "all"):
-        todo = {n: c for n, c in configs(out, args.grpo_lr).items() if args.only is None or n in args.only}
+        known = configs(out, args.grpo_lr)
+        unknown = sorted(set(args.only or ()) - set(known))
+        if unknown:
+            raise SystemExit(f"--only {unknown[0]}: not a configuration of this study; choose from {', '.join(known)}")
+        todo = {n: c for n, c in known.items() if args.only is None or n in args.only}
         for seed in args.seeds:  # seed 0 of every configuration first
             for name, (trainer, settings) in todo.items():
                 record(train(out, name, trainer, settings, seed, args.budget), records)  # KL is cached

@@ -95,3 +95,30 @@ def test_record_and_read_back(study, tmp_path):
         for f in sorted(run.rglob("*"), reverse=True):
             f.rmdir() if f.is_dir() else f.unlink()
     assert len(study.recorded(records)) == 2
+
+
+def test_unknown_configuration_is_one_line(study, tmp_path, monkeypatch):
+    argv = ["conciseness_study.py", "--out", str(tmp_path), "--stage", "main", "--grpo-lr", "3e-6"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--only", "es-s1e-3"])
+    with pytest.raises(SystemExit) as caught:
+        study.main()
+    message = str(caught.value)
+    assert message.startswith("--only es-s1e-3: not a configuration") and "es-s0.001" in message
+    assert "grpo-b0.0167" in message and "\n" not in message
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_summary_names_the_cpus_of_each_configuration(study, tmp_path, capsys):
+    rows = load_task("conciseness", prompt_format="chat").split("test")
+    right = [f"It is {r['answer']}." for r in rows]
+    epyc = fake_run(tmp_path / "a", "es-s0.001-seed1", "AMD EPYC [avx512f avx512_bf16]", right, -20.0)
+    xeon = fake_run(tmp_path / "b", "es-s0.001-seed0", "Intel Xeon [avx512_bf16 amx_bf16]", right, -30.0)
+    records = tmp_path / "records"
+    runs = [json.loads(study.record(r, records).read_text()) for r in (epyc, xeon)]
+    study.summarise(tmp_path, {"es-s0.001": runs}, {})
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| es-s0.001 |"))
+    assert row.startswith("| es-s0.001 | 2 | amx-intel, avx512_bf16-amd | 6000 | -25 ± 7.1 |")
+    assert json.loads((tmp_path / "summary.json").read_text())["configs"]["es-s0.001"]["cpus"] == [
+        "amx-intel",
+        "avx512_bf16-amd",
+    ]
