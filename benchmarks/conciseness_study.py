@@ -375,7 +375,9 @@ def main() -> None:
         known = configs(out, args.grpo_lr)
         unknown = sorted(set(args.only or ()) - set(known))
         if unknown:
-            raise SystemExit(f"--only {unknown[0]}: not a configuration of this study; choose from {', '.join(known)}")
+            raise SystemExit(
+                f"--only {unknown[0]}: not a configuration of this study; choose from {', '.join(known)}"
+            )
         todo = {n: c for n, c in known.items() if args.only is None or n in args.only}
         for seed in args.seeds:  # seed 0 of every configuration first
             for name, (trainer, settings) in todo.items():
