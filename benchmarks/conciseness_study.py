@@ -87,7 +87,9 @@ PAPER_TABLE2 = {
     "es-s0.001": {"reward": (0.889, 0.004), "kl": (0.274, 0.096), "hacking": False},
     "es-s0.0015": {"reward": (0.919, 0.008), "kl": (0.813, 0.212), "hacking": False},
     "grpo-b0": {"reward": (0.867, 0.054), "kl": (0.861, 0.614), "hacking": True},
+    "grpo-b0.01": {"reward": (0.871, 0.060), "kl": (1.354, 0.873), "hacking": True},
     "grpo-b0.0167": {"reward": (0.911, 0.038), "kl": (1.591, 0.811), "hacking": False},
+    "grpo-b0.0464": {"reward": (0.881, 0.062), "kl": (1.384, 1.187), "hacking": False},
 }
 
 
@@ -319,6 +321,9 @@ def summarise(out: Path, per_run: dict[str, list[dict]], sweeps: dict[str, list[
               f"{fmt(r['train_reward'])} | {fmt(r['train_seconds'], 4)} | {fmt(r['peak_rss_mb'], 4)} | "
               f"{'yes' if name in front else ''} |")  # fmt: skip
     paper_table(rows)
+    plot = pareto_plot(rows, per_run, out / "pareto.png")
+    if plot:
+        print(f"wrote {plot}")
     data = {"configs": rows, "pareto": front, "runs": per_run, "sweeps": sweeps, "paper": PAPER_TABLE2,
             "choices": {m: chosen(out, m) for m in SWEEPS}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(data, indent=1, default=str))
@@ -339,6 +344,64 @@ def paper_table(rows: dict[str, dict]) -> None:
         print(f"| {name} | {fmt(p['reward'], 3)} | {fmt(p['kl'], 3)} | {'yes' if p['hacking'] else 'no'} | "
               f"{fmt(r['heldout_normalised'])} | {fmt(r['kl'], 3)} | "
               f"{relative_spread(p['reward']):.2g} / {relative_spread(r['heldout_normalised']):.2g} |")  # fmt: skip
+
+
+def pareto_plot(rows: dict[str, dict], per_run: dict[str, list[dict]], path: Path) -> Path | None:
+    """Held-out reward (normalised) against KL per token, log scale: left, this study's runs (small
+    points) and each configuration's mean ± sd over seeds (error bars), the Pareto front of the means
+    dashed; right, the paper's Table 2 rows the same way. None without matplotlib or rows."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    colors = {"es": "#1f77b4", "grpo": "#d62728"}
+    fig = Figure(figsize=(12, 4.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    here, paper = fig.subplots(1, 2)
+    front = pareto(rows)
+    for name, r in rows.items():
+        color = colors[name.split("-")[0]]
+        runs = [x for x in per_run.get(name, []) if x["kl"] > 0]
+        here.scatter(
+            [x["kl"] for x in runs], [x["heldout_normalised"] for x in runs], s=12, color=color, alpha=0.4
+        )
+        (mk, sk), (mr, sr) = r["kl"], r["heldout_normalised"]
+        if mk > 0:
+            here.errorbar(mk, mr, xerr=0 if math.isnan(sk) else sk, yerr=0 if math.isnan(sr) else sr, fmt="o",
+                          color=color, capsize=3)  # fmt: skip
+            here.annotate(
+                f"{name} ({r['seeds']})", (mk, mr), fontsize=8, xytext=(5, 4), textcoords="offset points"
+            )
+    line = sorted((rows[n]["kl"][0], rows[n]["heldout_normalised"][0]) for n in front if rows[n]["kl"][0] > 0)
+    if line:
+        here.step(
+            [k for k, _ in line],
+            [r for _, r in line],
+            where="post",
+            color="black",
+            ls="--",
+            lw=1,
+            label="Pareto front of the means",
+        )
+        here.legend(loc="lower right", fontsize=8, frameon=False)
+    for name, p in PAPER_TABLE2.items():
+        color = colors[name.split("-")[0]]
+        paper.errorbar(p["kl"][0], p["reward"][0], xerr=p["kl"][1], yerr=p["reward"][1], fmt="o", color=color,
+                       capsize=3, mfc="none" if p["hacking"] else color)  # fmt: skip
+        paper.annotate(name + (" *" if p["hacking"] else ""), (p["kl"][0], p["reward"][0]), fontsize=8,
+                       xytext=(5, 4), textcoords="offset points")  # fmt: skip
+    for ax, title in ((here, "this study (0.5B, 100 iterations): runs and mean ± sd over seeds"),
+                      (paper, "the paper's Table 2 (7B, 1,000 iterations; * reward hacking)")):  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the decades only: minor labels overlap
+        ax.set(title=title, xlabel="KL to the base, k3 per token (log)", ylabel="held-out reward, normalised")
+        ax.grid(alpha=0.3)
+    fig.savefig(path)
+    return path
 
 
 def relative_spread(pair: tuple[float, float]) -> float:

@@ -124,6 +124,7 @@ def test_summary_names_the_cpus_of_each_configuration(study, tmp_path, capsys):
         rows[1]
         == "| es-s0.001 | 0.889 ± 0.004 | 0.274 ± 0.096 | no | 0.9875 ± 0.0035 | 0.05 ± 0 | 0.036 / 0.28 |"
     )
+    assert (tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")  # the reward-KL plot beside it
     assert json.loads((tmp_path / "summary.json").read_text())["configs"]["es-s0.001"]["cpus"] == [
         "amx-intel",
         "avx512_bf16-amd",
