@@ -321,7 +321,7 @@ def summarise(out: Path, per_run: dict[str, list[dict]], sweeps: dict[str, list[
               f"{fmt(r['train_reward'])} | {fmt(r['train_seconds'], 4)} | {fmt(r['peak_rss_mb'], 4)} | "
               f"{'yes' if name in front else ''} |")  # fmt: skip
     paper_table(rows)
-    plot = pareto_plot(rows, per_run, out / "pareto.png")
+    plot = pareto_plot(rows, front, per_run, out / "pareto.png")
     if plot:
         print(f"wrote {plot}")
     data = {"configs": rows, "pareto": front, "runs": per_run, "sweeps": sweeps, "paper": PAPER_TABLE2,
@@ -346,23 +346,25 @@ def paper_table(rows: dict[str, dict]) -> None:
               f"{relative_spread(p['reward']):.2g} / {relative_spread(r['heldout_normalised']):.2g} |")  # fmt: skip
 
 
-def pareto_plot(rows: dict[str, dict], per_run: dict[str, list[dict]], path: Path) -> Path | None:
+def pareto_plot(
+    rows: dict[str, dict], front: list[str], per_run: dict[str, list[dict]], path: Path
+) -> Path | None:
     """Held-out reward (normalised) against KL per token, log scale: left, this study's runs (small
-    points) and each configuration's mean ± sd over seeds (error bars), the Pareto front of the means
-    dashed; right, the paper's Table 2 rows the same way. None without matplotlib or rows."""
+    points) and each configuration's mean ± sd over seeds (error bars), ``front`` (:func:`pareto` of the
+    means) dashed; right, the paper's Table 2 rows the same way. None without matplotlib or rows."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import NullFormatter
+
+        from esft.report.plots import TRAINER_COLORS as colors
     except ImportError:
         return None
     if not rows:
         return None
-    colors = {"es": "#1f77b4", "grpo": "#d62728"}
     fig = Figure(figsize=(12, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     here, paper = fig.subplots(1, 2)
-    front = pareto(rows)
     for name, r in rows.items():
         color = colors[name.split("-")[0]]
         runs = [x for x in per_run.get(name, []) if x["kl"] > 0]
