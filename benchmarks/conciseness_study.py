@@ -175,6 +175,13 @@ def finished(run: Path, budget: int) -> bool:
     return bool(rows) and rows[-1]["samples"] >= budget and (run / "checkpoints").is_dir()
 
 
+def resumable(run: Path, trainer: str) -> bool:
+    """Whether ``run`` holds a state its trainer's ``--resume`` continues from."""
+    if not (run / "metrics.jsonl").is_file():
+        return False
+    return trainer == "es" or any((run / "trl").glob("checkpoint-*"))
+
+
 def train(out: Path, name: str, trainer: str, settings: dict, seed: int, budget: int) -> Path:
     run = out / "runs" / f"{name}-seed{seed}"
     if finished(run, budget):
@@ -183,14 +190,13 @@ def train(out: Path, name: str, trainer: str, settings: dict, seed: int, budget:
            "keep_checkpoints": 1, "seed": seed, "report_to": ["tensorboard"]}  # fmt: skip
     path = write_yaml(out / "runs" / f"{name}-seed{seed}.yaml", cfg)
     command = "train" if trainer == "es" else "grpo"
-    resume = ["--resume"] if (run / "metrics.jsonl").is_file() else []
-    if resume and trainer == "grpo" and not any((run / "trl").glob("checkpoint-*")):
-        # stopped before its first training state (ES resumes from its seed log; GRPO cannot): start
-        # again, keeping the stopped attempt beside it
+    resume = ["--resume"] if resumable(run, trainer) else []
+    if run.is_dir() and not resume:
+        # stopped before its first training state (ES resumes from its seed log once one iteration
+        # is logged; GRPO only from a TRL checkpoint): start again, keeping the attempt beside it
         stale = run.with_name(f"{run.name}.stopped-{int(time.time())}")
-        print(f"{run} holds no GRPO training state yet; moved to {stale}, starting again", flush=True)
+        print(f"{run} holds no training state yet; moved to {stale}, starting again", flush=True)
         run.rename(stale)
-        resume = []
     rc = esft(command, "--config", str(path), "--output", str(run), "--quiet", *resume)
     if rc:
         raise SystemExit(f"{run} stopped (exit {rc}); run this command again to resume it")

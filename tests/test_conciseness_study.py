@@ -129,3 +129,33 @@ def test_summary_names_the_cpus_of_each_configuration(study, tmp_path, capsys):
         "amx-intel",
         "avx512_bf16-amd",
     ]
+
+
+@pytest.mark.parametrize(
+    ("trainer", "files", "resumed"),
+    [
+        ("grpo", [], False),  # config and first evaluation written, no step finished
+        ("grpo", ["metrics.jsonl"], False),  # steps logged, no TRL checkpoint yet
+        ("grpo", ["metrics.jsonl", "trl/checkpoint-10/trainer_state.json"], True),
+        ("es", [], False),
+        ("es", ["metrics.jsonl"], True),  # ES replays its seed log
+    ],
+)
+def test_a_stopped_run_resumes_or_starts_again(study, tmp_path, monkeypatch, trainer, files, resumed):
+    run = tmp_path / "runs" / "x-seed0"
+    (run).mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "eval.jsonl").write_text("{}\n")
+    for name in files:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text('{"samples": 0}\n')
+    calls = []
+    monkeypatch.setattr(study, "esft", lambda *args: calls.append(args) or 0)
+    study.train(tmp_path, "x", trainer, {}, seed=0, budget=60)
+    (args,) = calls
+    assert ("--resume" in args) == resumed
+    stale = list((tmp_path / "runs").glob("x-seed0.stopped-*"))
+    if resumed:
+        assert not stale and (run / "config.yaml").is_file()
+    else:  # the attempt is kept beside the fresh start, and nothing is left in the run's folder
+        assert len(stale) == 1 and (stale[0] / "config.yaml").is_file() and not run.exists()
