@@ -216,7 +216,8 @@ def record(run: Path, records: Path) -> Path:
     """Analyse a finished run and write its record (see the module's docstring)."""
     env = json.loads((run / "environment.json").read_text()) if (run / "environment.json").is_file() else {}
     cpu = env.get("cpu", "unknown")
-    found = {**analyse_run(run), "name": run.name, "cpu": cpu, "torch": env.get("torch")}
+    found = {**analyse_run(run), "name": run.name, "cpu": cpu, "torch": env.get("torch"),
+             "esft": env.get("esft")}  # fmt: skip
     path = records / f"{run.name}.{cpu_tag(cpu)}.json"
     records.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(found, indent=1, default=str) + "\n")

@@ -46,7 +46,8 @@ def fake_run(root: Path, name: str, cpu: str, final: list[str], reward: float) -
     (run / "config.yaml").write_text(
         yaml.safe_dump({"task": "conciseness", "task_options": {"prompt_format": "chat"}})
     )
-    (run / "environment.json").write_text(json.dumps({"cpu": cpu, "torch": "2.13.0"}))
+    env = {"cpu": cpu, "torch": "2.13.0", "esft": "0.1.0 (git 0123456789ab)"}
+    (run / "environment.json").write_text(json.dumps(env))
     metrics = [{"iteration": i, "samples": 60 * (i + 1), "perf/seconds": 10.0, "perf/peak_rss_mb": 2000.0 + i}
                for i in range(100)]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -89,6 +90,7 @@ def test_record_and_read_back(study, tmp_path):
         and a["samples"] == 6000
         and a["train_seconds"] == 1000.0
         and a["peak_rss_mb"] == 2099.0
+        and a["esft"] == "0.1.0 (git 0123456789ab)"  # the code that ran it
     )
     # the run folder may go: the analysis reads the records alone
     for run in (epyc, xeon):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -403,6 +404,25 @@ def test_environment_is_recorded_and_a_change_refuses_resume_and_replay(tiny_mod
         err = capsys.readouterr().err.strip()
         assert field in err and value in err and "--allow-environment-change" in err and "\n" not in err
         assert main([*command, "--allow-environment-change"]) == 0
+    # esft's own code is recorded, not checked: a resume under other code says so and keeps the earlier
+    import esft
+
+    env = json.loads((out / "environment.json").read_text())
+    assert env["esft"].startswith(esft.__version__)
+    if (Path(esft.__file__).parents[2] / ".git").exists():  # a checkout: the commit, never a guess
+        assert re.fullmatch(re.escape(esft.__version__) + r" \(git [0-9a-f]{12}(\+modified)?\)", env["esft"])
+    (out / "environment.json").write_text(json.dumps({**env, "esft": "0.0.9 (git 0123456789ab)"}))
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--iterations", "3", "--resume"]) == 0  # notes: not --quiet
+    said = capsys.readouterr()
+    assert "the run last started with 0.0.9 (git 0123456789ab)" in said.out + said.err
+    resumed = json.loads((out / "environment.json").read_text())
+    assert resumed["esft"] == env["esft"] and resumed["esft_earlier"] == ["0.0.9 (git 0123456789ab)"]
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--iterations", "4", "--resume", "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "last started with" not in said.out + said.err  # the same code: nothing to say
+    assert json.loads((out / "environment.json").read_text())["esft_earlier"] == ["0.0.9 (git 0123456789ab)"]
     # the weights file itself is part of the fingerprint
     weights_file = next(tiny_model.glob("*.safetensors"))
     from esft.environment import model_fingerprint

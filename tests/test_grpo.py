@@ -308,6 +308,9 @@ def test_bf16_grpo_is_mixed_precision_and_keeps_steps_far_below_a_bf16_ulp(tiny_
     assert grpo(tiny_model, out, "--iterations", "1", "--dtype", "bfloat16", "--learning-rate", "1e-7") == 0
     env = json.loads((out / "environment.json").read_text())
     assert env["dtype"] == "bfloat16" and env["weights_dtype"] == "float32"
+    from esft.environment import esft_source
+
+    assert env["esft"] == esft_source()  # GRPO records esft's code as ES does
     assert "mixed precision" in env["dtype_reason"]
     base = load_file(str(tiny_model / "model.safetensors"))
     final = load_file(str(out / "checkpoints" / "iter-000001" / "model.safetensors"))

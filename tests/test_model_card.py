@@ -5,6 +5,7 @@ rebuild the checkpoint's weights."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import shlex
@@ -54,6 +55,8 @@ def check_card(folder: Path, store: RunStore, iteration: int, trainer: str) -> s
     samples = next(m["samples"] for m in store.metrics() if m["iteration"] == iteration)
     assert f"| samples generated | {samples} |" in text
     assert f'AutoModelForCausalLM.from_pretrained("{store.checkpoint_dir(iteration)}")' in text
+    env = json.loads((store.root / "environment.json").read_text())
+    assert f"esft {env['esft']}" in text  # the code that trained it, with its commit from a checkout
     # the held-out numbers: this checkpoint's evaluation in the model-index, exactly as in eval.jsonl
     rows = {e["iteration"]: e for e in store.evals() if e["split"] == "test"}
     if iteration in rows:

@@ -12,13 +12,22 @@ The thread count is different: a CPU matmul's rounding can depend on how many th
 resumed run scores members exactly as before only with the same count, and it is a setting rather than a
 property of the machine. ``--resume`` therefore sets it back (``resume_threads``) instead of refusing.
 Replay does not check it: it only adds noise to weights, elementwise, which no thread count changes.
+
+esft's own code is recorded too (``esft``: its version and, run from a git checkout, the commit, marked
+``+modified`` when ``src/`` differs from it), but not checked: most changes keep every bit, and a study
+resumed over weeks of development must go on. Some changes do not (2026-12-05's prefill matmuls in the
+population hooks, c56a73d, score members with another rounding, so the same seed takes another path
+from the first iteration; docs/experiments.md), so ``--resume`` says when the code changed, and keeps the
+earlier sources in ``esft_earlier``, where a later comparison of two runs can find them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -95,13 +104,54 @@ def model_fingerprint(model_path: str) -> str:
     return "sha256:" + outer.hexdigest()
 
 
+@functools.cache
+def esft_source() -> str:
+    """esft's version, with the commit and ``+modified`` when it runs from a git checkout: "0.1.0 (git
+    f74a1b4c2e9d)" or "0.1.0 (git f74a1b4c2e9d+modified)"; the version alone from an installed copy."""
+    version = _version("esft") or "unknown"
+    package = Path(__file__).resolve().parent  # not `import esft`: the package's API sits above this
+    try:
+
+        def git(*args: str) -> str:
+            done = subprocess.run(
+                ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=True
+            )
+            return done.stdout.strip()
+
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if (top / "src" / "esft").resolve() != package:
+            return version  # installed inside some other repository (a venv in a user's project)
+        commit = git("rev-parse", "--short=12", "HEAD")
+        modified = git("status", "--porcelain", "--untracked-files=no", "--", str(package.parent))
+    except (OSError, subprocess.SubprocessError):
+        return version  # no git, or not a checkout
+    return f"{version} (git {commit}{'+modified' if modified else ''})"
+
+
+def carry_source(recorded: dict[str, Any] | None, now: dict[str, Any], log: Callable[[str], None]) -> None:
+    """On resume: say when esft's code changed since the run's last start, and keep the earlier ones in
+    ``now["esft_earlier"]`` (oldest first). Not a refusal: most changes keep every bit (module doc)."""
+    if not recorded or "esft" not in recorded:
+        return
+    earlier = [s for s in [*recorded.get("esft_earlier", []), recorded["esft"]] if s != now.get("esft")]
+    earlier = list(dict.fromkeys(earlier))
+    if earlier:
+        now["esft_earlier"] = earlier
+    if recorded["esft"] != now.get("esft"):
+        log(
+            f"esft: resuming with esft {now.get('esft')}; the run last started with {recorded['esft']} "
+            "(the continued run matches an uninterrupted one only if no change between them altered the "
+            "arithmetic)"
+        )
+
+
 def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
     """The environment of a run about to use ``engine`` on ``model_path`` (for a pool of Ray workers,
     the one the workers run in)."""
     from esft.engines.base import DescribesEnvironment
 
     if isinstance(engine, DescribesEnvironment):
-        return engine.describe_environment(engine_name, model_path)
+        return {"esft": esft_source(), **engine.describe_environment(engine_name, model_path)}
     import torch
 
     from esft.dtypes import cpu_summary
@@ -113,6 +163,7 @@ def describe(engine: Any, engine_name: str, model_path: str) -> dict[str, Any]:
     # mixed precision (GRPO in bf16): the dtype it computes in, and float32 weights (mixed_precision)
     mixed = getattr(engine, "autocast_dtype", None)
     return {
+        "esft": esft_source(),
         "device": _device_kind(device),
         "dtype": str(mixed or engine.dtype).removeprefix("torch."),
         **({"weights_dtype": "float32"} if mixed is not None else {}),

@@ -308,6 +308,7 @@ class GRPORun:
             start = int(self.state_dir.name.rsplit("-", 1)[1])
             if check_env:
                 environment.check(recorded, env_now, environment.CHECKED, "--resume")
+            environment.carry_source(environment.read(store.root), env_now, self._log)
             logged_through = max([m["iteration"] for m in store.metrics()] + [start])
             evaluated_through = max([e["iteration"] for e in store.evals()] + [start])
             store.truncate_logs(start)  # steps after the saved state are redone

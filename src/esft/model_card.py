@@ -467,7 +467,7 @@ def environment_line(env: dict[str, Any]) -> str:
     for k in ("engine", "torch", "transformers", "vllm"):
         if env.get(k):
             parts.append(f"{k} {env[k]}")
-    parts.append(f"esft {_esft_version()}")
+    parts.append(f"esft {env.get('esft') or _esft_version()}")  # the run's code: version and commit
     return ", ".join(parts)
 
 

@@ -377,6 +377,8 @@ class ESTrainer:
         }
         if check_env:
             environment.check(recorded, env_now, environment.CHECKED, "--resume")
+        if self.resume:
+            environment.carry_source(environment.read(store.root), env_now, self._log)
         environment.write(store.root, env_now)
         fused = getattr(params, "fused", False)  # a local ParamSet large enough for the compiled update
         self._log(
