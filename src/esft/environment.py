@@ -104,6 +104,17 @@ def model_fingerprint(model_path: str) -> str:
     return "sha256:" + outer.hexdigest()
 
 
+def _git(folder: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "--no-optional-locks", "-C", str(folder), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
 @functools.cache
 def esft_source() -> str:
     """esft's version, with the commit and ``+modified`` when it runs from a git checkout: "0.1.0 (git
@@ -111,18 +122,11 @@ def esft_source() -> str:
     version = _version("esft") or "unknown"
     package = Path(__file__).resolve().parent  # not `import esft`: the package's API sits above this
     try:
-
-        def git(*args: str) -> str:
-            done = subprocess.run(
-                ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=True
-            )
-            return done.stdout.strip()
-
-        top = Path(git("rev-parse", "--show-toplevel"))
+        top = Path(_git(package, "rev-parse", "--show-toplevel"))
         if (top / "src" / "esft").resolve() != package:
             return version  # installed inside some other repository (a venv in a user's project)
-        commit = git("rev-parse", "--short=12", "HEAD")
-        modified = git("status", "--porcelain", "--untracked-files=no", "--", str(package.parent))
+        commit = _git(package, "rev-parse", "--short=12", "HEAD")
+        modified = _git(package, "status", "--porcelain", "--untracked-files=no", "--", str(package.parent))
     except (OSError, subprocess.SubprocessError):
         return version  # no git, or not a checkout
     return f"{version} (git {commit}{'+modified' if modified else ''})"
