@@ -291,7 +291,8 @@ class GRPORun:
 
         cfg, store, task = self.config, self.store, self.task
         check_env = self.resume and not self.allow_environment_change
-        recorded = environment.read(store.root) if check_env else None
+        on_disk = environment.read(store.root) if self.resume else None
+        recorded = on_disk if check_env else None
         environment.use_threads(environment.resume_threads(recorded), self._log)
         engine = grpo_engine(cfg, self.model_path)
         reset_peak()  # as ES: memory after the policy is loaded (TRL's reference model, if any, counts)
@@ -308,7 +309,7 @@ class GRPORun:
             start = int(self.state_dir.name.rsplit("-", 1)[1])
             if check_env:
                 environment.check(recorded, env_now, environment.CHECKED, "--resume")
-            environment.carry_source(environment.read(store.root), env_now, self._log)
+            environment.carry_source(on_disk, env_now, self._log)
             logged_through = max([m["iteration"] for m in store.metrics()] + [start])
             evaluated_through = max([e["iteration"] for e in store.evals()] + [start])
             store.truncate_logs(start)  # steps after the saved state are redone

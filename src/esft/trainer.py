@@ -356,7 +356,8 @@ class ESTrainer:
             )
         ckpts = {i: p for i, p in store.checkpoints().items() if i <= done}
         check_env = self.resume and not self.allow_environment_change
-        recorded = environment.read(store.root) if check_env else None
+        on_disk = environment.read(store.root) if self.resume else None
+        recorded = on_disk if check_env else None
         if (recorded or {}).get("update_precision") == "master":
             # a run with float32 masters continues from a checkpoint that saved them (all of its own do)
             ckpts = {i: p for i, p in ckpts.items() if (p / MASTER_FILE).is_file()}
@@ -378,7 +379,7 @@ class ESTrainer:
         if check_env:
             environment.check(recorded, env_now, environment.CHECKED, "--resume")
         if self.resume:
-            environment.carry_source(environment.read(store.root), env_now, self._log)
+            environment.carry_source(on_disk, env_now, self._log)
         environment.write(store.root, env_now)
         fused = getattr(params, "fused", False)  # a local ParamSet large enough for the compiled update
         self._log(
