@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from esft import cli
 from esft.config import ESConfig, GRPORunConfig
-from esft.model_card import EMBEDDED_HUB_ID, refresh_card, train_command, write_card
+from esft.model_card import EMBEDDED_HUB_ID, environment_line, refresh_card, train_command, write_card
 from esft.runstore import RunStore
 from esft.trainer import ESTrainer
 
@@ -243,3 +243,11 @@ def test_the_train_command_round_trips_every_kind_of_setting(tmp_path):
     saved = {"trainer": "grpo", **grpo.to_dict(), "model_path": "x"}
     _, again = reproduced_config(train_command(saved, "new"), Path("new"), GRPORunConfig)
     same_settings(again, saved, Path("new"))
+
+
+def test_the_environment_line_names_the_runs_code_and_never_the_installed_one():
+    env = {"device": "cpu", "engine": "hf", "torch": "2.13.0+cpu", "esft": "0.1.0 (git 1c458248847f)"}
+    assert environment_line(env) == "cpu, engine hf, torch 2.13.0+cpu, esft 0.1.0 (git 1c458248847f)"
+    # a run recorded before environment.json held esft's code: the installed esft may be another one
+    del env["esft"]
+    assert environment_line(env).endswith("esft (version not recorded)")

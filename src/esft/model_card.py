@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -467,15 +466,10 @@ def environment_line(env: dict[str, Any]) -> str:
     for k in ("engine", "torch", "transformers", "vllm"):
         if env.get(k):
             parts.append(f"{k} {env[k]}")
-    parts.append(f"esft {env.get('esft') or _esft_version()}")  # the run's code: version and commit
+    # the run's code, version and commit; a run recorded before environment.json held it names none
+    # (the installed esft need not be the one that trained it)
+    parts.append(f"esft {env['esft']}" if env.get("esft") else "esft (version not recorded)")
     return ", ".join(parts)
-
-
-def _esft_version() -> str:
-    try:
-        return version("esft")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
