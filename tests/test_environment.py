@@ -70,3 +70,31 @@ def test_resume_keeps_every_earlier_source_once():
     fresh_now = {"esft": "0.2.0 (git c)"}
     environment.carry_source({"device": "cpu"}, fresh_now, said.append)
     assert "esft_earlier" not in fresh_now and len(said) == 2
+
+
+class _Broadcast:
+    def __init__(self, answers: dict[int, dict]) -> None:
+        self.answers = answers
+
+    def broadcast(self, *args):
+        return self.answers
+
+
+def test_ray_workers_on_different_esft_code_are_refused_with_what_to_align():
+    from esft.distributed.pool import WorkerPool
+    from esft.errors import ConfigError
+
+    env = {"device": "cpu", "torch": "2.13.0+cpu", "esft": "0.1.0 (git 0123456789ab)"}
+    pool = object.__new__(WorkerPool)  # describe_environment needs only the workers' answers
+    pool.calls = _Broadcast({0: env, 1: dict(env)})
+    assert pool.describe_environment("hf", "model") == env
+    pool.calls = _Broadcast({0: env, 1: {**env, "esft": "0.1.0 (git 0123456789ab+modified)"}})
+    with pytest.raises(
+        ConfigError,
+        match=r"workers 0 and 1 .*esft '0.1.0 \(git 0123456789ab\)' vs .*\+modified.*same esft code",
+    ):
+        pool.describe_environment("hf", "model")
+    pool.calls = _Broadcast({0: env, 1: {**env, "torch": "2.12.0+cpu"}})
+    with pytest.raises(ConfigError, match="torch") as refused:
+        pool.describe_environment("hf", "model")
+    assert "esft code" not in str(refused.value)

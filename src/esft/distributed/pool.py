@@ -178,10 +178,16 @@ class WorkerPool:
         for i, env in sorted(answers.items()):
             diff = [f"{k} {first.get(k)!r} vs {env.get(k)!r}" for k in first if env.get(k) != first.get(k)]
             if diff:
+                # esft's own code counts: a commit may change how members are scored (c56a73d did)
+                same = (
+                    "esft code (the same commit, unmodified), "
+                    if env.get("esft") != first.get("esft")
+                    else ""
+                )
                 raise ConfigError(
                     f"Ray workers {min(answers)} and {i} run in different environments ({'; '.join(diff)}): "
                     "a member's reward would depend on which worker scored it; give every worker the same "
-                    "device, libraries and model files"
+                    f"{same}device, libraries and model files"
                 )
         return first
 
