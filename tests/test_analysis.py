@@ -786,3 +786,30 @@ def test_a_runs_checkpoint_and_task_are_found_once_for_analyze_and_eval(tmp_path
     assert other.max_new_tokens == load_task("countdown").max_new_tokens
     with pytest.raises(ConfigError, match="--task is required"):
         build_task(None, [{}])
+
+
+def test_cosine_of_a_bf16_and_a_float32_run_takes_each_update_from_its_own_rounded_base(models, tmp_path):
+    """A bf16 ES checkpoint beside a float32 GRPO one: the bf16 run started from the base rounded to
+    bf16, so its frozen tensors have no update; the base's rounding must not count as one."""
+    gen = torch.Generator().manual_seed(5)
+    delta = torch.randn(32, 64, generator=gen) * 0.05
+
+    def bf16_plus(t):  # every tensor stored in bf16 (as a bf16 run saves it), DOWN0 moved
+        for name in t:
+            t[name] = t[name].to(torch.bfloat16)
+        t[DOWN0] = (t[DOWN0].float() + delta).to(torch.bfloat16)
+
+    def f32_plus(t):
+        t[DOWN0] += delta
+
+    a = variant(models["base"], tmp_path / "bf16", bf16_plus)
+    b = variant(models["base"], tmp_path / "f32", f32_plus)
+    result = update_cosine(models["base"], a, b)
+    assert math.isnan(result.layers["layers.1"].cosine)  # untouched in both: no update on either side
+    assert result.layers["layers.1"].row()["norm_a"] == 0.0 and result.modules["q"].row()["norm_a"] == 0.0
+    assert result.total.cosine > 0.99  # the same step, up to bf16's rounding of it
+    bf16_step = (
+        load_file(a / "model.safetensors")[DOWN0].float()
+        - load_file(models["base"] / "model.safetensors")[DOWN0].to(torch.bfloat16).float()
+    )
+    assert result.total.row()["norm_a"] == pytest.approx(float(bf16_step.double().norm()), rel=1e-6)

@@ -7,7 +7,8 @@ With delta_A = theta_A - theta_base and delta_B = theta_B - theta_base,
 globally, per transformer layer and per module type, from float64 sums over one streaming pass through
 the three checkpoints (three tensors in memory at a time, float32 slices). 1 means the same direction,
 -1 the opposite, about 0 unrelated directions (two independent random walks over d coordinates have
-cosine ~ N(0, 1/d)). A group where either update is zero has no direction: its cosine is NaN (JSON
+cosine ~ N(0, 1/d)). Each update is taken from the base in its own run's dtype (``_tensor_dot``), so
+a bf16 run and a float32 run can be compared. A group where either update is zero has no direction: its cosine is NaN (JSON
 null). Checkpoints whose tensor names or shapes differ do not share a base: a one-line ConfigError.
 """
 
@@ -77,10 +78,13 @@ class CosineResult:
 
 
 def _tensor_dot(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Dot:
+    """The sums for one tensor, each update taken from the base rounded to its own run's dtype: a bf16
+    ES run compared with a float32 GRPO run started from different roundings of the same base, and one
+    shared base would count the base's rounding as the bf16 run's update (a frozen tensor included)."""
     out = Dot(numel=base.numel())
-    for base_s, a_s, b_s in chunks(base, a, b):
-        da = (a_s - base_s).double()
-        db = (b_s - base_s).double()
+    for base_a, a_s, base_b, b_s in chunks(in_run_dtype(base, a), a, in_run_dtype(base, b), b):
+        da = (a_s - base_a).double()
+        db = (b_s - base_b).double()
         out.ab += float(torch.dot(da, db))
         out.aa += float(torch.dot(da, da))
         out.bb += float(torch.dot(db, db))
@@ -94,7 +98,7 @@ def update_cosine(base: str | Path, a: str | Path, b: str | Path, progress: bool
     layers: dict[str, Dot] = {}
     modules: dict[str, Dot] = {k: Dot() for k in MODULE_TYPES}
     for name, (tb, ta, tt) in aligned_tensors(folders, progress, desc="cosine"):
-        d = _tensor_dot(in_run_dtype(tb, ta, tt), ta, tt)
+        d = _tensor_dot(tb, ta, tt)
         total.add(d)
         layers.setdefault(layer_of(name), Dot()).add(d)
         modules[module_type(name)].add(d)
