@@ -382,9 +382,11 @@ def pareto_plot(
         if mk > 0:
             here.errorbar(mk, mr, xerr=0 if math.isnan(sk) else sk, yerr=0 if math.isnan(sr) else sr, fmt="o",
                           color=color, capsize=3)  # fmt: skip
-            here.annotate(
-                f"{name} ({r['seeds']})", (mk, mr), fontsize=8, xytext=(5, 4), textcoords="offset points"
-            )
+            # GRPO's points sit at the right edge, one above the other: their labels go left, staggered
+            right = name.startswith("grpo")
+            shift = (-6, 4 if len(here.texts) % 2 else -11) if right else (5, 4)
+            here.annotate(f"{name} ({r['seeds']})", (mk, mr), fontsize=8, xytext=shift, textcoords="offset points",
+                          ha="right" if right else "left")  # fmt: skip
     line = sorted((rows[n]["kl"][0], rows[n]["heldout_normalised"][0]) for n in front if rows[n]["kl"][0] > 0)
     if line:
         here.step(
