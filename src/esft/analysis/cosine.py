@@ -8,8 +8,8 @@ globally, per transformer layer and per module type, from float64 sums over one 
 the three checkpoints (three tensors in memory at a time, float32 slices). 1 means the same direction,
 -1 the opposite, about 0 unrelated directions (two independent random walks over d coordinates have
 cosine ~ N(0, 1/d)). Each update is taken from the base in its own run's dtype (``_tensor_dot``), so
-a bf16 run and a float32 run can be compared. A group where either update is zero has no direction: its cosine is NaN (JSON
-null). Checkpoints whose tensor names or shapes differ do not share a base: a one-line ConfigError.
+a bf16 run and a float32 run can be compared. A group where either update is zero has no direction: its
+cosine is NaN (JSON null). Checkpoints whose tensor names or shapes differ do not share a base: a one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class CosineResult:
 
 def _tensor_dot(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Dot:
     """The sums for one tensor, each update taken from the base rounded to its own run's dtype: a bf16
-    ES run compared with a float32 GRPO run started from different roundings of the same base, and one
-    shared base would count the base's rounding as the bf16 run's update (a frozen tensor included)."""
+    ES run and a float32 GRPO run started from different roundings of the same base, so one shared base
+    would count the base's rounding as the bf16 run's update (a frozen tensor included)."""
     out = Dot(numel=base.numel())
     for base_a, a_s, base_b, b_s in chunks(in_run_dtype(base, a), a, in_run_dtype(base, b), b):
         da = (a_s - base_a).double()

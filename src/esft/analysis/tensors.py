@@ -62,14 +62,12 @@ def aligned_tensors(
         yield name, tensors
 
 
-def in_run_dtype(base: torch.Tensor, *tuned: torch.Tensor) -> torch.Tensor:
-    """``base`` rounded to the dtype its fine-tunes are stored in, when they are a narrower float type
-    (a bf16 run of a float32 base): the run started from those rounded weights, so comparing with the
-    unrounded base would count the base's own rounding as update."""
-    dtypes = {t.dtype for t in tuned}
-    if len(dtypes) != 1:
-        return base
-    (dtype,) = dtypes
+def in_run_dtype(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """``base`` rounded to the dtype its fine-tune ``tuned`` is stored in, when that is a narrower float
+    type (a bf16 run of a float32 base): the run started from those rounded weights, so comparing with
+    the unrounded base would count the base's own rounding as update. Two runs in different dtypes each
+    take their own (``cosine.py``)."""
+    dtype = tuned.dtype
     if dtype.is_floating_point and base.is_floating_point() and dtype.itemsize < base.dtype.itemsize:
         return base.to(dtype)
     return base
