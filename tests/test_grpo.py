@@ -340,3 +340,68 @@ def test_bf16_grpo_is_mixed_precision_and_keeps_steps_far_below_a_bf16_ulp(tiny_
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
     assert main(["eval", "--run", str(out), "--limit", "2", "--max-new-tokens", "4"]) == 0
     assert main(["analyze", "kl", str(out), "--limit", "2", "--max-new-tokens", "4", "--quiet"]) == 0
+
+
+def test_flat_steps_are_counted_reported_and_can_stop_the_run(tiny_model, tmp_path, capsys):
+    """A step whose every group scored the same (here a constant reward: TRL's frac_reward_zero_std 1)
+    has no reward signal: metrics.jsonl counts the streak, the step line and the log say so, and
+    --stop-when-flat ends the run with a checkpoint and the final evaluation, as for ES."""
+    reward = tmp_path / "flat.py"
+    reward.write_text("def same(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    out = tmp_path / "flat"
+    assert (
+        main(
+            [
+                "grpo",
+                "--model",
+                str(tiny_model),
+                "--output",
+                str(out),
+                "--task",
+                "conciseness",
+                "--reward",
+                f"{reward}:same",
+                "--group-size",
+                "4",
+                "--max-new-tokens",
+                "4",
+                "--iterations",
+                "5",
+                "--stop-when-flat",
+                "2",
+                "--eval-every",
+                "10",
+                "--checkpoint-every",
+                "10",
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    printed = capsys.readouterr()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2]  # stopped after 2 flat steps of 5
+    assert [r["grpo/flat_streak"] for r in rows] == [1, 2]
+    assert all(r["grpo/frac_reward_zero_std"] == 1.0 for r in rows)
+    assert (
+        "stopped after step 2: every group scored the same for 2 steps in a row" in printed.out + printed.err
+    )
+    assert "FLAT: every group scored the same (2 in a row)" in printed.out + printed.err
+    assert (out / "checkpoints" / "iter-000002" / "model.safetensors").is_file()
+    assert [e["iteration"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2]  # the final evaluation
+
+    # without --stop-when-flat the run goes on, and the first flat step says what to change
+    going = tmp_path / "going"
+    loud = [a for a in COMMON if a != "--quiet"]
+    argv = ["grpo", "--model", str(tiny_model), "--output", str(going), *loud, "--iterations", "1"]
+    assert main([*argv, "--reward", f"{reward}:same"]) == 0
+    assert "step 1: every group's completions scored the same" in "".join(capsys.readouterr())
+    assert read_jsonl(going / "metrics.jsonl")[0]["grpo/flat_streak"] == 1
+
+
+def test_the_flat_streak_counts_flat_steps_in_a_row(grpo_run):
+    rows = read_jsonl(grpo_run / "metrics.jsonl")
+    streak, expected = 0, []
+    for r in rows:
+        streak = streak + 1 if r["grpo/frac_reward_zero_std"] == 1.0 else 0
+        expected.append(streak)
+    assert [r["grpo/flat_streak"] for r in rows] == expected

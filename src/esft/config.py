@@ -46,6 +46,12 @@ class RunConfig:
     budget_samples: int = 0
     """Stop once this many completions have been generated for training (ES: members x prompts, GRPO:
     prompts x group size), so ES and GRPO runs can be matched; 0 = no budget, only iterations."""
+    stop_when_flat: int = 0
+    """Stop early after K iterations (GRPO: steps) in a row that carry no reward signal, with a
+    checkpoint and the final evaluation; 0 = never stop for that. ES: every member scored the same, so
+    the update is zero. GRPO: every group's completions scored the same (TRL's frac_reward_zero_std 1),
+    so every advantage is zero; the weights then move only through the KL term (beta > 0) and the
+    optimizer's momentum."""
     seed: int = 0
     """Run seed: ES derives every iteration's member seeds and prompt mini-batch from (seed,
     iteration); GRPO passes it to TRL (sampling and prompt order)."""
@@ -162,7 +168,14 @@ class RunConfig:
         self.report_to = parse_report_to(self.report_to)  # a YAML list, or names separated by commas
 
     # settings that must be integers >= 0
-    COUNTS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_limit", "budget_samples")
+    COUNTS = (
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "eval_limit",
+        "budget_samples",
+        "stop_when_flat",
+    )
 
     # -- (de)serialisation ------------------------------------------------------------------------
 
@@ -228,11 +241,6 @@ class ESConfig(RunConfig):
     """Seconds a Ray worker may take over one call (a unit of members, an update) before it counts as
     hung: it is killed and replaced like a dead one, its members re-queued. 0 = automatic: 10x the
     slowest call so far, at least 300 s (no limit until the first unit has come back)."""
-    stop_when_flat: int = 0
-    """Stop early once the population has been flat (every member scored the same, so the update is
-    zero) for K iterations in a row; 0 = never stop for that."""
-
-    COUNTS = (*RunConfig.COUNTS, "stop_when_flat")
 
     def validate(self) -> None:
         super().validate()

@@ -334,7 +334,13 @@ class GRPORun:
         callback = _RunFolderCallback(self, engine, rewards, steps)
         if start:
             done = [m for m in store.metrics() if m["iteration"] <= start]
-            callback.resume(start, done[-1]["samples"] if done else 0, done[-1]["tokens"] if done else 0)
+            last_row = done[-1] if done else {}
+            callback.resume(
+                start,
+                last_row.get("samples", 0),
+                last_row.get("tokens", 0),
+                last_row.get("grpo/flat_streak", 0),
+            )
             self._log(f"esft grpo: resuming from step {start} ({self.state_dir})")
         trainer = GRPOTrainer(
             model=engine.model,
@@ -442,6 +448,14 @@ class GRPORun:
         model_card.refresh_card(self.store, step, model_card.reward_parts(self.task))
 
 
+FLAT_ADVICE = (
+    "every group's completions scored the same, so every advantage is zero: the step has no reward "
+    "signal, and only the KL term (beta > 0) and the optimizer's momentum move the weights; to give the "
+    "groups something to rank: more prompts per step (--prompts-per-iteration), a larger --group-size "
+    "or --temperature, or a reward with finer steps; --stop-when-flat K ends the run after K such steps"
+)
+
+
 class _RunFolderCallback(TrainerCallback):
     """Writes TRL's per-step logs into the esft run folder, checkpoints and evaluates on esft's cadence."""
 
@@ -450,12 +464,14 @@ class _RunFolderCallback(TrainerCallback):
         self.samples = 0
         self.tokens = 0
         self.last_step = 0
+        self.flat_streak = 0  # steps in a row whose every group scored the same
         self._t0 = time.perf_counter()
         self.bar = tqdm(total=steps, desc="GRPO", unit="step", disable=not run.progress, dynamic_ncols=True)
 
-    def resume(self, step: int, samples: int, tokens: int) -> None:
+    def resume(self, step: int, samples: int, tokens: int, flat_streak: int = 0) -> None:
         """Continue the counters and the bar of a run resumed after ``step``."""
         self.last_step, self.samples, self.tokens = step, samples, tokens
+        self.flat_streak = flat_streak
         self.bar.update(step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -470,22 +486,34 @@ class _RunFolderCallback(TrainerCallback):
         summary, n, tokens, failures = self.rewards.drain()
         self.samples += n
         self.tokens += tokens
-        metrics = grpo_metrics(step, self.samples, self.tokens, logs, summary, n, failures, seconds)
+        self.flat_streak = self.flat_streak + 1 if logs.get("frac_reward_zero_std") == 1.0 else 0
+        metrics = grpo_metrics(
+            step, self.samples, self.tokens, logs, summary, n, failures, seconds, self.flat_streak
+        )
         runs.record(self.run.store, self.run.callbacks, metrics, step)
         self.bar.update(1)
         self.run._log(grpo_line(metrics, self.steps))
         self.last_step = step
         cfg = self.run.config
         final = step >= self.steps
-        if runs.due(step, cfg.checkpoint_every, final):
+        if self.flat_streak == 1 and not cfg.stop_when_flat:
+            self.run._log(f"esft grpo: step {step}: {FLAT_ADVICE}")
+        flat_stop = not final and 0 < cfg.stop_when_flat <= self.flat_streak
+        if runs.due(step, cfg.checkpoint_every, final or flat_stop):
             self.run._checkpoint(self.engine, step)
-        if cfg.eval_every and runs.due(step, cfg.eval_every, final):
+        if cfg.eval_every and runs.due(step, cfg.eval_every, final or flat_stop):
             self.run._evaluate(self.engine, step)
         if final and cfg.budget_samples and self.samples >= cfg.budget_samples:
             self.run._log(
                 f"esft grpo: stopped after step {step}: {self.samples} samples generated, the budget is "
                 f"{cfg.budget_samples} (--budget-samples)"
             )
+        elif flat_stop:
+            self.run._log(
+                f"esft grpo: stopped after step {step}: every group scored the same for {self.flat_streak} "
+                f"steps in a row (--stop-when-flat {cfg.stop_when_flat})"
+            )
+            control.should_training_stop = True
         elif not final and self.run.callbacks.stop:
             # a callback (e.g. a sweep's pruner) ends the run; the step is checkpointed after train()
             self.run._log(f"esft grpo: stopped after step {step}: {self.run.callbacks.stop}")
@@ -501,10 +529,12 @@ def grpo_metrics(
     completions: int,
     failures: int,
     seconds: float,
+    flat_streak: int = 0,
 ) -> dict[str, Any]:
     """The metrics.jsonl row of GRPO step ``step``: ES's keys where they mean the same thing (train/
     reward and parts over this step's completions, lengths, budget counters, perf/), TRL's own
-    quantities under grpo/ (loss, grad norm, KL, entropy, clip ratios, reward std over completions)."""
+    quantities under grpo/ (loss, grad norm, KL, entropy, clip ratios, reward std over completions),
+    and ``grpo/flat_streak``: the steps in a row up to this one whose every group scored the same."""
 
     def num(key: str) -> float:
         v = logs.get(key)
@@ -524,6 +554,7 @@ def grpo_metrics(
         if isinstance(value, int | float) and not key.startswith(("rewards/", "completions/")):
             name = key.replace("reward_std", "reward_std_completions")
             row[f"grpo/{name}"] = float(value)
+    row["grpo/flat_streak"] = int(flat_streak)
     row.update(
         {
             "perf/seconds": seconds,
@@ -540,6 +571,8 @@ def grpo_metrics(
 def grpo_line(m: dict[str, Any], steps: int) -> str:
     failures = m["train/reward_failures"]
     kl = m.get("grpo/kl")
+    flat = m.get("grpo/flat_streak", 0)
+    streak = f" ({flat} in a row)" if flat > 1 else ""
     return (
         f"step {m['iteration']:>4}/{steps} | reward {m['train/reward_mean']:.4g} | "
         f"len {m['train/completion_tokens']:.0f} tok | loss {m.get('grpo/loss', math.nan):.4g} "
@@ -548,4 +581,5 @@ def grpo_line(m: dict[str, Any], steps: int) -> str:
         + f" | {m['perf/seconds']:.1f}s | {m['perf/samples_per_second']:.2f} samples/s"
         + f" | peak {m['perf/peak_rss_mb']:.0f} MiB"
         + (f" | {failures} reward failures" if failures else "")
+        + (f" | FLAT: every group scored the same{streak}" if m.get("grpo/flat_streak") else "")
     )
