@@ -12,6 +12,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,23 @@ def _wandb_records(path: Path):
             yield record
 
 
+def _finished_wandb_records(path: Path, wait: float = 60.0) -> list:
+    """The records of a W&B transaction log once its run's ``exit`` record is there. Read at once after
+    ``run.finish()``, the log gave no history records twice in about a dozen runs on a loaded machine;
+    W&B's service process may still be writing it then (``wandb sync`` reads it later), and waiting for
+    the exit record rules that out."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            records = list(_wandb_records(path))
+        except Exception:  # a record still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        time.sleep(0.2)
+    return list(_wandb_records(path))
+
+
 def _key(item) -> str:
     """A W&B history or config item's name (``key``, or ``nested_key`` for a path of keys)."""
     return item.key or ".".join(item.nested_key)
@@ -104,7 +122,7 @@ def read_wandb(run: Path) -> tuple[dict[tuple[str, int], float], list[dict], set
     assert files, f"no offline W&B run in {run}"
     for path in files:
         config = {}
-        for record in _wandb_records(path):
+        for record in _finished_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 ids.add(record.run.run_id)
