@@ -82,9 +82,11 @@ def _tensor_dot(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Dot:
     ES run and a float32 GRPO run started from different roundings of the same base, so one shared base
     would count the base's rounding as the bf16 run's update (a frozen tensor included)."""
     out = Dot(numel=base.numel())
-    for base_a, a_s, base_b, b_s in chunks(in_run_dtype(base, a), a, in_run_dtype(base, b), b):
-        da = (a_s - base_a).double()
-        db = (b_s - base_b).double()
+    base_a = in_run_dtype(base, a)
+    base_b = base_a if b.dtype == a.dtype else in_run_dtype(base, b)  # one rounding when the runs agree
+    for base_as, a_s, base_bs, b_s in chunks(base_a, a, base_b, b):
+        da = (a_s - base_as).double()
+        db = (b_s - base_bs).double()
         out.ab += float(torch.dot(da, db))
         out.aa += float(torch.dot(da, da))
         out.bb += float(torch.dot(db, db))
