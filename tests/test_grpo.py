@@ -349,34 +349,10 @@ def test_flat_steps_are_counted_reported_and_can_stop_the_run(tiny_model, tmp_pa
     reward = tmp_path / "flat.py"
     reward.write_text("def same(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
     out = tmp_path / "flat"
-    assert (
-        main(
-            [
-                "grpo",
-                "--model",
-                str(tiny_model),
-                "--output",
-                str(out),
-                "--task",
-                "conciseness",
-                "--reward",
-                f"{reward}:same",
-                "--group-size",
-                "4",
-                "--max-new-tokens",
-                "4",
-                "--iterations",
-                "5",
-                "--stop-when-flat",
-                "2",
-                "--eval-every",
-                "10",
-                "--checkpoint-every",
-                "10",
-            ]
-        )  # fmt: skip
-        == 0
-    )
+    argv = ["grpo", "--model", str(tiny_model), "--output", str(out), "--task", "conciseness", "--reward",
+            f"{reward}:same", "--group-size", "4", "--max-new-tokens", "4", "--iterations", "5",
+            "--stop-when-flat", "2", "--eval-every", "10", "--checkpoint-every", "10"]  # fmt: skip
+    assert main(argv) == 0
     printed = capsys.readouterr()
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [1, 2]  # stopped after 2 flat steps of 5
@@ -398,10 +374,23 @@ def test_flat_steps_are_counted_reported_and_can_stop_the_run(tiny_model, tmp_pa
     assert read_jsonl(going / "metrics.jsonl")[0]["grpo/flat_streak"] == 1
 
 
-def test_the_flat_streak_counts_flat_steps_in_a_row(grpo_run):
-    rows = read_jsonl(grpo_run / "metrics.jsonl")
-    streak, expected = 0, []
-    for r in rows:
-        streak = streak + 1 if r["grpo/frac_reward_zero_std"] == 1.0 else 0
-        expected.append(streak)
-    assert [r["grpo/flat_streak"] for r in rows] == expected
+def test_a_step_whose_groups_differ_ends_the_flat_streak(tiny_model, tmp_path):
+    """Steps 1 and 3 flat (a constant reward), step 2 not (each completion of a group scored apart):
+    the streak is 1, 0, 1, and with --stop-when-flat 2 the run does not stop."""
+    reward = tmp_path / "alternating.py"
+    reward.write_text(
+        "calls = []\n"
+        "def alternate(prompts, completions, **kw):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) % 2:\n"
+        "        return [1.0] * len(completions)\n"
+        "    return [float(i) for i in range(len(completions))]\n"
+    )
+    out = tmp_path / "run"
+    assert (
+        grpo(tiny_model, out, "--iterations", "3", "--reward", f"{reward}:alternate", "--stop-when-flat", "2")
+        == 0
+    )
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["grpo/frac_reward_zero_std"] for r in rows] == [1.0, 0.0, 1.0]
+    assert [r["grpo/flat_streak"] for r in rows] == [1, 0, 1]
