@@ -349,9 +349,9 @@ def test_flat_steps_are_counted_reported_and_can_stop_the_run(tiny_model, tmp_pa
     reward = tmp_path / "flat.py"
     reward.write_text("def same(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
     out = tmp_path / "flat"
-    argv = ["grpo", "--model", str(tiny_model), "--output", str(out), "--task", "conciseness", "--reward",
-            f"{reward}:same", "--group-size", "4", "--max-new-tokens", "4", "--iterations", "5",
-            "--stop-when-flat", "2", "--eval-every", "10", "--checkpoint-every", "10"]  # fmt: skip
+    loud = [a for a in COMMON if a != "--quiet"]  # the step lines and the log are what this test reads
+    argv = ["grpo", "--model", str(tiny_model), "--output", str(out), *loud, "--reward", f"{reward}:same",
+            "--iterations", "5", "--stop-when-flat", "2", "--eval-every", "10", "--checkpoint-every", "10"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr()
     rows = read_jsonl(out / "metrics.jsonl")
@@ -367,7 +367,6 @@ def test_flat_steps_are_counted_reported_and_can_stop_the_run(tiny_model, tmp_pa
 
     # without --stop-when-flat the run goes on, and the first flat step says what to change
     going = tmp_path / "going"
-    loud = [a for a in COMMON if a != "--quiet"]
     argv = ["grpo", "--model", str(tiny_model), "--output", str(going), *loud, "--iterations", "1"]
     assert main([*argv, "--reward", f"{reward}:same"]) == 0
     assert "step 1: every group's completions scored the same" in "".join(capsys.readouterr())
