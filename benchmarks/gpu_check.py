@@ -65,7 +65,6 @@ REQUIRED = {
 }
 OPTIONAL = {
     "pytest": "without it the checks run in this process (the same functions)",
-    "tensorboard": "esft train logs to it: without it the resume checks SKIP",
 }
 
 # Qwen2.5-Coder-0.5B-Instruct as esft converts the embedded GGUF (~/.cache/esft/models/.../config.json)
@@ -138,7 +137,8 @@ def environment(device: str) -> dict[str, Any]:
 def run_checks(
     device: str, out: Path, use_pytest: bool = True, only: list[str] | None = None
 ) -> list[dict[str, Any]]:
-    """One {name, status (PASS/FAIL/SKIP), seconds, message} per check of tests/test_cuda.py."""
+    """One {name, status (PASS/FAIL/SKIP), seconds, message} per check of tests/test_cuda.py (SKIP: pytest
+    skipped it, e.g. the module without CUDA)."""
     if use_pytest and only is None:
         return _run_pytest(device, out)
     return _run_in_process(device, only)
@@ -187,8 +187,6 @@ def _run_in_process(device: str, only: list[str] | None) -> list[dict[str, Any]]
         with tempfile.TemporaryDirectory(prefix="esft-check-") as tmp:
             try:
                 check(device, Path(tmp))
-            except test_cuda.SkipCheck as e:
-                status, message = "SKIP", str(e)
             except Exception as e:
                 traceback.print_exc()
                 status, message = "FAIL", f"{type(e).__name__}: {e}".splitlines()[0][:200]

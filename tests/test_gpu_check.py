@@ -74,3 +74,16 @@ def test_missing_packages_and_missing_cuda_exit_2(tmp_path, monkeypatch, capsys)
         pytest.skip("this machine has CUDA")
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_resume_checks_run_without_tensorboard(tmp_path, monkeypatch):
+    """A bare GPU image may lack tensorboard: the resume checks train with no tracker, so they pass
+    (not skip) when it cannot be imported."""
+    gpu_check = load_script()
+    for module in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, module, None)  # any import of it raises ImportError
+    with pytest.raises(ImportError):
+        import torch.utils.tensorboard  # noqa: F401
+    only = ["resume_bit_identical-independent-master", "resume_bit_identical-lowrank-stochastic"]
+    results = gpu_check.run_checks("cpu", tmp_path, use_pytest=False, only=only)
+    assert [(r["name"], r["status"]) for r in results] == [(name, "PASS") for name in only]
