@@ -26,7 +26,8 @@ need not be installed; it runs from src/):
 
 It prints PASS/FAIL/SKIP per check, the bench table and each mode's ratio to the floor, writes
 gpu_check.json (and cuda_tests.xml from pytest) to --out (default $OUT, else runs/gpu-check), and
-exits 1 if a check failed, 2 if a package it needs is missing.
+exits 1 if a check failed, 2 if a package it needs is missing or older than pyproject.toml's
+minimum.
 
 On CUDA, perturb, restore and the low-rank factor draw only queue kernels; this script makes them wait
 for the device (``torch.cuda.synchronize``) so that the bench's noise column holds their time instead
@@ -41,13 +42,16 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +101,31 @@ def missing_packages() -> tuple[list[str], list[str]]:
     required = [f"{mod} (pip install {pkg})" for mod, pkg in REQUIRED.items() if not _importable(mod)]
     optional = [f"{mod}: {why}" for mod, why in OPTIONAL.items() if not _importable(mod)]
     return required, optional
+
+
+def too_old() -> list[str]:
+    """Installed torch and transformers older than the minimum pyproject.toml declares, with the fix."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    old = []
+    for dep in dependencies:
+        wanted = re.fullmatch(r"(torch|transformers)>=([0-9.]+)", dep.replace(" ", ""))
+        if wanted is None:
+            continue
+        name, minimum = wanted.groups()
+        have = _installed(name)
+        if _release(have) < _release(minimum):
+            old.append(f"{name} {have} (esft needs {name}>={minimum}: pip install -U '{name}>={minimum}')")
+    return old
+
+
+def _installed(name: str) -> str:
+    return metadata.version(name)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: '2.13.0+cpu' -> (2, 13, 0)."""
+    lead = re.match(r"[0-9]+(?:\.[0-9]+)*", version)
+    return tuple(int(x) for x in lead.group().split(".")) if lead else ()
 
 
 def _importable(module: str) -> bool:
@@ -317,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if required:
         print("gpu_check: missing required packages: " + ", ".join(required), file=sys.stderr)
         print("  carry them as wheels (see the device README) or pip install them", file=sys.stderr)
+        return 2
+    old = too_old()
+    if old:
+        print("gpu_check: too old here: " + ", ".join(old), file=sys.stderr)
         return 2
     import torch
 

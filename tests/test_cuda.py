@@ -316,7 +316,12 @@ def check_fixed_length_hold(device: str, tmp: Path) -> None:
     likes = engine._generate_texts(texts, 8, True)[0].token_ids[5]
     engine.eos_ids, engine.min_new_tokens = {likes}, 6
     ours = [g.token_ids for g in engine._generate_texts(texts, 8, True)]
-    enc = {k: v.to(device) for k, v in engine.tokenizer(texts, return_tensors="pt", padding=True).items()}
+    enc = {
+        k: v.to(device)
+        for k, v in engine.tokenizer(
+            texts, return_tensors="pt", padding=True, return_token_type_ids=False
+        ).items()
+    }
     cfg = GenerationConfig(do_sample=False, max_new_tokens=8, min_new_tokens=6, eos_token_id=likes,
                            pad_token_id=engine.pad_id, temperature=None, top_p=None, top_k=None)  # fmt: skip
     ref = engine.model.generate(**enc, generation_config=cfg)[:, enc["input_ids"].shape[1] :].tolist()

@@ -87,3 +87,14 @@ def test_resume_checks_run_without_tensorboard(tmp_path, monkeypatch):
     only = ["resume_bit_identical-independent-master", "resume_bit_identical-lowrank-stochastic"]
     results = gpu_check.run_checks("cpu", tmp_path, use_pytest=False, only=only)
     assert [(r["name"], r["status"]) for r in results] == [(name, "PASS") for name in only]
+
+
+def test_a_transformers_older_than_the_declared_minimum_exits_2(tmp_path, monkeypatch, capsys):
+    gpu_check = load_script()
+    assert gpu_check.too_old() == []  # this environment satisfies pyproject.toml
+    real = gpu_check._installed
+    monkeypatch.setattr(gpu_check, "_installed", lambda n: "4.51.3" if n == "transformers" else real(n))
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "transformers 4.51.3 (esft needs transformers>=4.56.2" in err
+    assert gpu_check._release("2.13.0+cpu") == (2, 13, 0) and gpu_check._release("4.56.2.dev0") == (4, 56, 2)

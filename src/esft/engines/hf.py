@@ -234,7 +234,9 @@ class HFEngine:
         self, texts: list[str], max_new_tokens: int, raw: bool, sampling: Sampling | None
     ) -> list[Generation]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=raw)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        # ids and mask only: a tokenizer that also returns token_type_ids (PreTrainedTokenizerFast's
+        # default before transformers 5) makes generate refuse them on a causal LM
+        enc = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
         prompt_len = enc["input_ids"].shape[1]
         if sampling is None:
             decoding = {"do_sample": False, "temperature": None, "top_p": None, **self._greedy}
