@@ -122,7 +122,8 @@ def test_stochastic_kernel_matches_the_eager_rounding_past_2_31(monkeypatch, ker
         want = prec.stochastic_round(old.float() + intended, torch.bfloat16, stream, offset)
         got = old.clone()
         sums = fused.FUSED.apply("stochastic", got, got, intended, stream, offset)
-        assert sums is not None
+        assert sums is not None and sums.dtype == torch.float64 and sums.shape == (6,)
+        sums = sums.tolist()
         assert torch.equal(got.float(), want)
         applied = want - old.float()
         assert sums[5] == int(torch.count_nonzero(applied)) and sums[4] == int(torch.count_nonzero(intended))
@@ -141,9 +142,9 @@ def test_fused_statistics_are_exact_sums_and_independent_of_threads():
         for t in (1, max(2, threads), 3):
             torch.set_num_threads(t)
             o = torch.zeros(n)
-            results.append(fused.FUSED.apply("float32", o, o, intended, 0, 0))
+            results.append(fused.FUSED.apply("float32", o, o, intended, 0, 0).tolist())
             o = base.clone()
-            rounded.append((fused.FUSED.apply("stochastic", o, o, intended, 5, 0), o))  # the C kernel
+            rounded.append((fused.FUSED.apply("stochastic", o, o, intended, 5, 0).tolist(), o))  # C kernel
     finally:
         torch.set_num_threads(threads)
     assert results[0] == results[1] == results[2]

@@ -107,6 +107,32 @@ def test_step_stats_on_a_constructed_case():
     assert s.dot == pytest.approx(5.0 - 9.0) and s.lost == 1 and s.changed == 3
 
 
+def test_sums_left_on_the_device_settle_to_the_sums_read_one_by_one():
+    """The fused update's chunk sums stay where they were computed until the update ends (one wait for
+    a GPU, not one per chunk): the totals are the same floats as reading each chunk's at once."""
+    gen = torch.Generator().manual_seed(4)
+    chunks = [torch.rand(6, generator=gen, dtype=torch.float64) * 10**k for k in range(5)]
+    for c in chunks:
+        c[4:] = c[4:].round()
+    eager, deferred = StepStats(), StepStats()
+    for c in chunks:
+        v = c.tolist()
+        eager.add_sums(v[0], v[1], v[2], v[3], int(v[4]), int(v[5]))
+        deferred.add_sums_tensor(c)
+    assert deferred.sq_old == 0.0  # nothing read before settle
+    deferred.settle()
+    deferred.settle()  # a second settle adds nothing
+    fields = ("sq_old", "sq_intended", "sq_applied", "dot", "intended_nonzero", "changed", "lost")
+    assert [getattr(deferred, f) for f in fields] == [getattr(eager, f) for f in fields]
+
+
+def test_the_update_works_in_larger_chunks_off_the_cpu():
+    from esft.es.params import CHUNK, CHUNK_DEVICE, chunk_values
+
+    assert chunk_values(torch.device("cpu")) == CHUNK == 1 << 20
+    assert chunk_values(torch.device("cuda")) == CHUNK_DEVICE > CHUNK
+
+
 def test_the_loss_is_measured_on_a_constructed_bf16_case():
     """Half the coordinates sit at 0 (bf16 keeps any small step there), half at 256 (ulp 2: every step
     of about 1e-3 is lost to round to nearest): about half the step is lost, cosine about 1/sqrt(2)."""

@@ -31,8 +31,18 @@ from esft.es.fused import BLOCK, FUSED
 from esft.es.lowrank import factors, lowrank_trainable, vector_noise
 from esft.es.noise import Member, NoiseScheme, noise_slices, stream_seed
 
-# The update is applied in chunks of about this many values, so its float32 temporaries stay in cache.
+# The update is applied in chunks of about this many values, so its float32 temporaries stay in cache
+# on the CPU; on a GPU, whose update is one kernel launch or a few per chunk, of CHUNK_DEVICE values, so
+# that launching them does not outlast running them (a 7B model is 7,000 chunks of CHUNK).
 CHUNK = 1 << 20
+CHUNK_DEVICE = 1 << 24
+
+
+def chunk_values(device: torch.device) -> int:
+    """How many values the update handles at once on ``device``."""
+    return CHUNK if device.type == "cpu" else CHUNK_DEVICE
+
+
 MASTER_FILE = "es-state/master.safetensors"  # inside a checkpoint folder (vLLM loads *.safetensors)
 
 
@@ -264,6 +274,7 @@ class ParamSet:
             if on_tensor is not None:
                 on_tensor()
         self._held.clear()
+        step.settle()
         return UpdateStats(
             update_norm=math.sqrt(step.sq_applied),
             param_norm=math.sqrt(step.sq_old),
@@ -283,7 +294,7 @@ class ParamSet:
             a = torch.cat([ab[0] * (c * scale) for ab, c in pairs], dim=1)
             b_t = torch.cat([ab[1] for ab, _ in pairs], dim=1).T.contiguous()
             cols = old.shape[1]
-            rows = max(1, CHUNK // cols)
+            rows = max(1, chunk_values(old.device) // cols)
             for r in range(0, old.shape[0], rows):
                 block = a[r : r + rows] @ b_t
                 yield slice(r * cols, r * cols + block.numel()), block.view(-1)
@@ -294,8 +305,9 @@ class ParamSet:
             for start, eps in self._eps(name, member):
                 flat_acc[start : start + eps.numel()].add_(eps, alpha=w * member.sign)
         flat_acc.mul_(scale)
-        for start in range(0, flat_acc.numel(), CHUNK):
-            yield slice(start, start + CHUNK), flat_acc[start : start + CHUNK]
+        chunk = chunk_values(old.device)
+        for start in range(0, flat_acc.numel(), chunk):
+            yield slice(start, start + chunk), flat_acc[start : start + chunk]
 
     def _apply_fused(
         self,
@@ -315,7 +327,7 @@ class ParamSet:
             o, lv = old.view(-1)[part], live.view(-1)[part]
             sums = FUSED.apply(self.precision, o, lv, intended[:main], stream, rows.start)
             if sums is not None:
-                step.add_sums(*sums)
+                step.add_sums_tensor(sums)
                 return slice(rows.start + main, rows.start + n), intended[main:]
         return rows, intended
 

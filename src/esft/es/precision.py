@@ -126,6 +126,7 @@ class StepStats:
         self.changed = 0  # coordinates whose stored value changed
         self.intended_nonzero = 0  # coordinates the intended step changes
         self.lost = 0  # ... of which the stored value did not move
+        self._pending: torch.Tensor | None = None  # add_sums_tensor's sums, not read yet (settle)
 
     def cosine(self) -> float:
         """cos(applied, intended): 1 when nothing was asked (no intended step), 0 when nothing moved."""
@@ -163,6 +164,18 @@ class StepStats:
         self.intended_nonzero += wanted
         self.changed += moved
         self.lost += wanted - moved
+
+    def add_sums_tensor(self, sums: torch.Tensor) -> None:
+        """``add_sums``' six values as a float64 tensor on any device (the fused update's), added there
+        and read by ``settle``: on a GPU, one wait for the device per update instead of one per chunk."""
+        self._pending = sums if self._pending is None else self._pending + sums
+
+    def settle(self) -> None:
+        """Fold the sums ``add_sums_tensor`` collected into the totals (the one read from the device)."""
+        if self._pending is not None:
+            s = self._pending.tolist()
+            self._pending = None
+            self.add_sums(s[0], s[1], s[2], s[3], int(s[4]), int(s[5]))
 
     def add_old(self, weights: torch.Tensor) -> None:
         """The weights (any float dtype) of a chunk before the update."""
