@@ -76,7 +76,7 @@ def test_checkpoint_loads_in_transformers(straight_run):
     ckpt = straight_run / "checkpoints" / "iter-000004"
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = tok("Solve: 3 + 5 =", return_tensors="pt")
+    ids = tok("Solve: 3 + 5 =", return_tensors="pt", return_token_type_ids=False)
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert ids["input_ids"].shape[1] < out.shape[1] <= ids["input_ids"].shape[1] + 3  # generated 1-3 tokens
     assert set(model.state_dict()) >= set(weights(ckpt))

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import build_tiny_model
 from torch import nn
 
@@ -106,7 +107,7 @@ def test_perturb_restore_is_bit_exact_with_lowrank():
 
 
 def _logits(engine: HFEngine, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = engine.tokenizer(texts, return_tensors="pt", padding=True)
+    enc = engine.tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.no_grad():
         return engine.model(**enc).logits, enc["attention_mask"]
 
@@ -154,7 +155,10 @@ def test_population_forward_equals_materialised_on_gemma_with_the_embedding_trai
     model = build_tiny_model(tmp_path / "m", arch=arch, tie=True, hidden_size=64, intermediate_size=96)
     engine = HFEngine(model, dtype="float32", device="cpu")
     emb = engine.model.get_input_embeddings()
-    assert type(emb).__name__.endswith("ScaledWordEmbedding")
+    if int(transformers.__version__.split(".")[0]) >= 5 or arch == "gemma3":
+        # the scale inside the module, the case the hooks must handle (transformers 4 scaled gemma and
+        # gemma2 in the model's forward, after the hook, where the noise rows are scaled with the lookup)
+        assert type(emb).__name__.endswith("ScaledWordEmbedding")
     params = ParamSet(lowrank_trainable(engine.parameters()), scheme="lowrank", rank=1)
     assert any("embed_tokens" in n for n in params.params)  # the embedding is trained
     prompts = ["Solve: 3 + 5", "The answer is <answer> (1 + 2)"]
