@@ -103,15 +103,18 @@ def missing_packages() -> tuple[list[str], list[str]]:
     return required, optional
 
 
+def declared_minimums() -> dict[str, str]:
+    """The minimum versions of torch and transformers that pyproject.toml declares (also read by
+    .ci/run, which tests the oldest transformers)."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = (re.fullmatch(r"(torch|transformers)>=([0-9.]+)", d.replace(" ", "")) for d in dependencies)
+    return dict(m.groups() for m in wanted if m is not None)
+
+
 def too_old() -> list[str]:
     """Installed torch and transformers older than the minimum pyproject.toml declares, with the fix."""
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     old = []
-    for dep in dependencies:
-        wanted = re.fullmatch(r"(torch|transformers)>=([0-9.]+)", dep.replace(" ", ""))
-        if wanted is None:
-            continue
-        name, minimum = wanted.groups()
+    for name, minimum in declared_minimums().items():
         have = _installed(name)
         if _release(have) < _release(minimum):
             old.append(f"{name} {have} (esft needs {name}>={minimum}: pip install -U '{name}>={minimum}')")

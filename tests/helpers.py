@@ -80,6 +80,13 @@ def build_tiny_model(
     return path
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version (tests whose subject only some versions have)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def make_params(dtype, device="cpu"):
     """Three named tensors (two equal-shaped matrices and a vector) of ``dtype`` on ``device``; the
     values are drawn on the CPU, so they are the same on every device."""
